@@ -1,0 +1,408 @@
+"""SAM, USAM and SSAM: Keras optimizers that wrap a base optimizer.
+
+The wrapper owns the sharpness-aware hyper-parameters and the math (in
+`keras.ops`, see `sam_math`); the weight update is the base optimizer's, so
+its momentum, clipping, weight decay, accumulation, EMA and schedules act on
+the sharpness-aware gradient exactly as they would on a plain one. The two
+forward-backward passes are run by `keras_ssam.SAMModel`.
+"""
+
+import contextlib
+import math
+import numbers
+
+import keras
+from keras import ops
+
+from keras_ssam import sam_math
+
+_SAM_MODEL_HINT = (
+    "SAM optimizers need the gradient at a perturbed point, which only "
+    "keras_ssam.SAMModel computes: wrap your model, "
+    "`keras_ssam.SAMModel(model)`, and compile that."
+)
+
+
+def _check_number(name, value, *, minimum, allow_equal=True, allow_none=False):
+    if value is None and allow_none:
+        return
+    ok = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= minimum if allow_equal else value > minimum)
+    )
+    if not ok:
+        bound = f">= {minimum}" if allow_equal else f"> {minimum}"
+        extra = " or None" if allow_none else ""
+        raise ValueError(
+            f"Argument `{name}` must be a finite number {bound}{extra}. "
+            f"Received: {name}={value!r}"
+        )
+
+
+def _is_rho_schedule(rho):
+    return isinstance(
+        rho, keras.optimizers.schedules.LearningRateSchedule
+    ) or (callable(rho) and not isinstance(rho, numbers.Real))
+
+
+@keras.saving.register_keras_serializable(package="keras_ssam")
+class SAM(keras.optimizers.Optimizer):
+    """Sharpness-aware minimization around any Keras optimizer.
+
+    With `g` the gradient of the batch loss at the weights `w` and
+    `T = |w| + eta` when `adaptive` (else 1), one step is:
+
+        e     = rho * T^2 g / (||T g|| + epsilon)  (normalize=True, SAM/ASAM)
+        e     = rho * T^2 g                        (normalize=False, USAM)
+        g_asc = gradient of the same batch loss at w + e
+        gamma = ||T(w) g|| / (||T(w + e) g_asc|| + epsilon)   (stable=True)
+        w     <- base_optimizer update of w with gamma * g_asc (or g_asc)
+
+    Norms are global L2 norms over all trainable weights. The update is
+    applied at `w`, never at `w + e`; `rho=0` is plain training with the base
+    optimizer. Use with `keras_ssam.SAMModel`, whose `train_step` runs the two
+    passes.
+
+    Args:
+        base_optimizer: a `keras.optimizers.Optimizer` instance that makes the
+            weight update (SGD, Adam, AdamW, ...), with its own clipping,
+            weight decay, EMA and gradient accumulation settings.
+        rho: perturbation radius, a float >= 0, a
+            `keras.optimizers.schedules.LearningRateSchedule`, or a callable
+            of the iteration count (e.g. rho proportional to the learning
+            rate, as in GSAM).
+        normalize: divide the ascent direction by its norm (SAM, Foret et
+            al. 2021). `False` gives unnormalized SAM (USAM).
+        stable: rescale the perturbed gradient to the norm of the clean one
+            (SSAM, Tan et al. 2025).
+        adaptive: scale the ascent by `T = |w| + eta` (ASAM, Kwon et al.
+            2021).
+        eta: ASAM's offset; only with `adaptive=True`.
+        max_scale: upper bound on SSAM's factor gamma; only with
+            `stable=True`.
+        epsilon: added to the denominators of the norm divisions.
+        name: name of the optimizer.
+
+    Example:
+
+    ```python
+    model = keras_ssam.SAMModel(inner_model)
+    model.compile(
+        optimizer=keras_ssam.SAM(keras.optimizers.SGD(0.05, momentum=0.9),
+                                 rho=0.05),
+        loss="sparse_categorical_crossentropy",
+    )
+    model.fit(x, y, epochs=10)
+    ```
+    """
+
+    def __init__(
+        self,
+        base_optimizer,
+        rho=0.05,
+        *,
+        normalize=True,
+        stable=False,
+        adaptive=False,
+        eta=0.0,
+        max_scale=None,
+        epsilon=1e-12,
+        name=None,
+    ):
+        if isinstance(base_optimizer, SAM):
+            raise ValueError(
+                "Argument `base_optimizer` is already a SAM optimizer "
+                f"({type(base_optimizer).__name__}); SAM optimizers cannot be "
+                f"nested. Received: base_optimizer={base_optimizer!r}"
+            )
+        if isinstance(base_optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ValueError(
+                "Argument `base_optimizer` must not be a LossScaleOptimizer: "
+                "pass the plain optimizer (under a `mixed_float16` policy "
+                "`compile` wraps the SAM optimizer in one). "
+                f"Received: base_optimizer={base_optimizer!r}"
+            )
+        if not isinstance(base_optimizer, keras.optimizers.Optimizer):
+            raise ValueError(
+                "Argument `base_optimizer` must be a keras.optimizers."
+                "Optimizer instance, e.g. keras.optimizers.SGD(0.1). "
+                f"Received: base_optimizer={base_optimizer!r}"
+            )
+        if not _is_rho_schedule(rho):
+            _check_number("rho", rho, minimum=0.0)
+        _check_number("eta", eta, minimum=0.0)
+        _check_number("epsilon", epsilon, minimum=0.0)
+        _check_number(
+            "max_scale", max_scale, minimum=0.0, allow_equal=False, allow_none=True
+        )
+        if eta and not adaptive:
+            raise ValueError(
+                "Argument `eta` only applies to the adaptive variant (ASAM); "
+                f"set adaptive=True or leave eta=0. Received: eta={eta!r}, "
+                f"adaptive={adaptive!r}"
+            )
+        if max_scale is not None and not stable:
+            raise ValueError(
+                "Argument `max_scale` bounds SSAM's renormalization factor and "
+                "only applies with stable=True. Received: "
+                f"max_scale={max_scale!r}, stable={stable!r}"
+            )
+        for flag_name, flag in (
+            ("normalize", normalize),
+            ("stable", stable),
+            ("adaptive", adaptive),
+        ):
+            if not isinstance(flag, bool):
+                raise ValueError(
+                    f"Argument `{flag_name}` must be a bool. "
+                    f"Received: {flag_name}={flag!r}"
+                )
+        super().__init__(learning_rate=0.0, name=name)
+        self.base_optimizer = base_optimizer
+        self.rho = rho
+        self.normalize = normalize
+        self.stable = stable
+        self.adaptive = adaptive
+        self.eta = eta
+        self.max_scale = max_scale
+        self.epsilon = epsilon
+        self._sam_step_depth = 0
+
+    # -- The SAM math, used by SAMModel's train_step on every backend. --
+
+    def current_rho(self):
+        """rho at the current iteration (a float or a scalar tensor)."""
+        if isinstance(self.rho, numbers.Real):
+            return float(self.rho)
+        return ops.cast(self.rho(self.iterations), "float32")
+
+    def perturbation(self, grads, weights, grad_scale=None):
+        """The ascent step `e` for each weight, and `||T g||`.
+
+        Args:
+            grads: gradients at `weights` (of the loss times `grad_scale`).
+            weights: the current weight values.
+            grad_scale: loss-scale factor the gradients carry, or `None`.
+
+        Returns:
+            `(perturbations, grad_norm)`.
+        """
+        return sam_math.sam_perturbation(
+            grads,
+            weights,
+            self.current_rho(),
+            normalize=self.normalize,
+            adaptive=self.adaptive,
+            eta=self.eta,
+            epsilon=self.epsilon,
+            grad_scale=grad_scale,
+        )
+
+    def update_gradients(
+        self,
+        grads,
+        perturbed_grads,
+        perturbed_weights,
+        grad_norm,
+        grad_scale=None,
+        need_stats=False,
+    ):
+        """The gradient handed to the base optimizer, and diagnostics.
+
+        Args:
+            grads: the clean gradients (unused unless `stable`; kept for
+                symmetry with `perturbation`).
+            perturbed_grads: gradients at `perturbed_weights` = w + e.
+            perturbed_weights: w + e.
+            grad_norm: `||T g||` as returned by `perturbation`.
+            grad_scale: loss-scale factor the gradients carry, or `None`.
+            need_stats: also compute the perturbed norm when not `stable`.
+
+        Returns:
+            `(update_grads, stats)` where `stats` holds `perturbed_grad_norm`
+            and `renorm_factor` (1.0 when not stable), or is empty when neither
+            `stable` nor `need_stats`.
+        """
+        del grads
+        stats = {}
+        if not (self.stable or need_stats):
+            return list(perturbed_grads), stats
+        perturbed_norm = sam_math.perturbed_grad_norm(
+            perturbed_grads,
+            perturbed_weights,
+            adaptive=self.adaptive,
+            eta=self.eta,
+            grad_scale=grad_scale,
+        )
+        stats["perturbed_grad_norm"] = perturbed_norm
+        if not self.stable:
+            stats["renorm_factor"] = ops.ones_like(perturbed_norm)
+            return list(perturbed_grads), stats
+        gamma = sam_math.renormalization_factor(
+            grad_norm,
+            perturbed_norm,
+            epsilon=self.epsilon,
+            max_scale=self.max_scale,
+        )
+        stats["renorm_factor"] = gamma
+        return sam_math.scale_gradients(perturbed_grads, gamma), stats
+
+    @contextlib.contextmanager
+    def sam_step(self):
+        """Marks an `apply` as the end of a two-pass SAM step.
+
+        `SAMModel` applies the sharpness-aware gradient inside this context;
+        anywhere else `apply` raises, so a SAM optimizer compiled into a plain
+        `keras.Model` cannot silently train as its base optimizer.
+        """
+        self._sam_step_depth += 1
+        try:
+            yield
+        finally:
+            self._sam_step_depth -= 1
+
+    def _check_in_sam_step(self):
+        if not self._sam_step_depth:
+            raise RuntimeError(
+                f"{type(self).__name__}.apply was called outside "
+                f"keras_ssam.SAMModel. {_SAM_MODEL_HINT}"
+            )
+
+    # -- Everything else is the base optimizer's. --
+
+    @property
+    def variables(self):
+        return self.base_optimizer.variables
+
+    def build(self, var_list):
+        self.base_optimizer.build(var_list)
+        self.built = True
+
+    def apply(self, grads, trainable_variables=None):
+        self._check_in_sam_step()
+        self.base_optimizer.apply(grads, trainable_variables)
+        self.built = True
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        self._check_in_sam_step()
+        return self.base_optimizer.stateless_apply(
+            optimizer_variables, grads, trainable_variables
+        )
+
+    def finalize_variable_values(self, var_list):
+        self.base_optimizer.finalize_variable_values(var_list)
+
+    def scale_loss(self, loss):
+        return self.base_optimizer.scale_loss(loss)
+
+    @property
+    def loss_scale_factor(self):
+        base = self.__dict__.get("base_optimizer")
+        return None if base is None else base.loss_scale_factor
+
+    @loss_scale_factor.setter
+    def loss_scale_factor(self, value):
+        # LossScaleOptimizer turns off its inner optimizer's static scaling;
+        # that scaling lives on the base optimizer.
+        base = self.__dict__.get("base_optimizer")
+        if base is not None:
+            base.loss_scale_factor = value
+
+    @property
+    def learning_rate(self):
+        return self.base_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        base = self.__dict__.get("base_optimizer")
+        if base is not None:
+            base.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.base_optimizer.iterations
+
+    def get_config(self):
+        rho = self.rho
+        if not isinstance(rho, numbers.Real):
+            rho = keras.saving.serialize_keras_object(rho)
+        return {
+            "name": self.name,
+            "base_optimizer": keras.saving.serialize_keras_object(
+                self.base_optimizer
+            ),
+            "rho": rho,
+            "normalize": self.normalize,
+            "stable": self.stable,
+            "adaptive": self.adaptive,
+            "eta": self.eta,
+            "max_scale": self.max_scale,
+            "epsilon": self.epsilon,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["base_optimizer"] = keras.saving.deserialize_keras_object(
+            config["base_optimizer"], custom_objects=custom_objects
+        )
+        if isinstance(config.get("rho"), dict):
+            config["rho"] = keras.saving.deserialize_keras_object(
+                config["rho"], custom_objects=custom_objects
+            )
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="keras_ssam")
+class USAM(SAM):
+    """Unnormalized SAM: `SAM(..., normalize=False)`, `e = rho * g`.
+
+    The SSAM paper (Tan et al., JMLR 2025) analyses this form and calls it
+    SAM. Arguments are those of `keras_ssam.SAM`.
+
+    Example:
+
+    ```python
+    optimizer = keras_ssam.USAM(keras.optimizers.SGD(0.05), rho=0.1)
+    ```
+    """
+
+    def __init__(self, base_optimizer, rho=0.05, *, normalize=False, **kwargs):
+        super().__init__(base_optimizer, rho, normalize=normalize, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="keras_ssam")
+class SSAM(SAM):
+    """Stable SAM: `SAM(..., normalize=False, stable=True)`.
+
+    The paper's Algorithm 1 (Tan et al., "Stabilizing Sharpness-aware
+    Minimization Through A Simple Renormalization Strategy", JMLR 2025): the
+    unnormalized ascent `e = rho * g`, then the perturbed gradient rescaled by
+    `gamma = ||g|| / ||g_asc||`, so the descent step has the clean gradient's
+    norm. `SSAM(..., normalize=True)` renormalizes the original SAM instead.
+    Arguments are those of `keras_ssam.SAM`.
+
+    Example:
+
+    ```python
+    optimizer = keras_ssam.SSAM(keras.optimizers.SGD(0.05, momentum=0.9),
+                                rho=0.05)
+    ```
+    """
+
+    def __init__(
+        self, base_optimizer, rho=0.05, *, normalize=False, stable=True, **kwargs
+    ):
+        super().__init__(
+            base_optimizer, rho, normalize=normalize, stable=stable, **kwargs
+        )
+
+
+def find_sam_optimizer(optimizer):
+    """The SAM optimizer inside `optimizer` (itself, or a LossScaleOptimizer's
+    inner optimizer), or `None`."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer if isinstance(optimizer, SAM) else None

@@ -1,0 +1,145 @@
+"""The SAM family's arithmetic as small pure functions in `keras.ops`.
+
+Every norm is one global L2 norm over all trainable weights, accumulated in
+float32 (float64 when the weights are float64), so it is the same on every
+backend and under mixed precision. Gradients may be `None` (a weight the loss
+does not reach): they count as zero in norms and stay `None` in outputs.
+
+References:
+  SAM:  Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
+        Generalization", ICLR 2021 (arXiv 2010.01412).
+  ASAM: Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization for
+        Scale-Invariant Learning of Deep Neural Networks", ICML 2021
+        (arXiv 2102.11600).
+  SSAM: Tan et al., "Stabilizing Sharpness-aware Minimization Through A Simple
+        Renormalization Strategy", JMLR 2025 (arXiv 2401.07250), Algorithm 1.
+"""
+
+from keras import ops
+
+
+def _norm_dtype(tensors):
+    for t in tensors:
+        if t is not None and ops.dtype(t) == "float64":
+            return "float64"
+    return "float32"
+
+
+def global_norm(tensors):
+    """`sqrt(sum_i ||t_i||^2)` over the tensors that are not `None`."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return ops.zeros((), "float32")
+    dtype = _norm_dtype(present)
+    squares = [ops.sum(ops.square(ops.cast(t, dtype))) for t in present]
+    return ops.sqrt(ops.sum(ops.stack(squares)))
+
+
+def safe_divide(numerator, denominator, default):
+    """`numerator / denominator`, or `default` where the denominator is 0.
+
+    Neither branch produces NaN, so a zero gradient never yields one.
+    """
+    positive = ops.greater(denominator, 0)
+    safe = ops.where(positive, denominator, ops.ones_like(denominator))
+    return ops.where(positive, numerator / safe, default)
+
+
+def adaptive_scale(weights, eta):
+    """ASAM's elementwise operator `T(w) = |w| + eta` (Kwon et al., eq. 10)."""
+    return [ops.abs(w) + eta for w in weights]
+
+
+def _scale_list(tensors, factor):
+    return [
+        None if t is None else t * ops.cast(factor, ops.dtype(t))
+        for t in tensors
+    ]
+
+
+def sam_perturbation(
+    grads,
+    weights,
+    rho,
+    *,
+    normalize=True,
+    adaptive=False,
+    eta=0.0,
+    epsilon=1e-12,
+    grad_scale=None,
+):
+    """The ascent step `e` of SAM, USAM and ASAM.
+
+        T = |w| + eta (adaptive) or 1
+        e = rho * T^2 g / (||T g|| + epsilon)     if normalize  (SAM, ASAM)
+        e = rho * T^2 g                           otherwise     (USAM)
+
+    Args:
+        grads: gradients of the batch loss at `weights`, possibly multiplied by
+            a loss scale `grad_scale` (mixed precision); `e` is computed from
+            the unscaled gradient `g = grads / grad_scale`.
+        weights: the current weight values `w`.
+        rho: the perturbation radius, a scalar.
+        normalize, adaptive, eta, epsilon: as in `keras_ssam.SAM`.
+        grad_scale: the factor the loss was multiplied by, or `None`.
+
+    Returns:
+        `(e, grad_norm)`: the perturbation per weight (`None` where the
+        gradient is `None`) and `||T g||` of the unscaled gradient.
+    """
+    if adaptive:
+        t_weights = adaptive_scale(weights, eta)
+        t_grads = [
+            None if g is None else g * ops.cast(t, ops.dtype(g))
+            for g, t in zip(grads, t_weights)
+        ]
+    else:
+        t_weights = None
+        t_grads = list(grads)
+    grad_norm = global_norm(t_grads)
+    inv_scale = 1.0 if grad_scale is None else 1.0 / ops.cast(grad_scale, ops.dtype(grad_norm))
+    grad_norm = grad_norm * inv_scale
+    if normalize:
+        # rho / ||T g|| applied to the scaled gradient needs one more 1/scale.
+        zero = ops.zeros_like(grad_norm)
+        factor = safe_divide(rho * inv_scale, grad_norm + epsilon, zero)
+    else:
+        factor = rho * inv_scale
+    if adaptive:
+        t_grads = [
+            None if g is None else g * ops.cast(t, ops.dtype(g))
+            for g, t in zip(t_grads, t_weights)
+        ]
+    return _scale_list(t_grads, factor), grad_norm
+
+
+def perturbed_grad_norm(perturbed_grads, perturbed_weights, *, adaptive=False, eta=0.0, grad_scale=None):
+    """`||T(w + e) g_asc||` of the unscaled perturbed gradient."""
+    if adaptive:
+        t_weights = adaptive_scale(perturbed_weights, eta)
+        perturbed_grads = [
+            None if g is None else g * ops.cast(t, ops.dtype(g))
+            for g, t in zip(perturbed_grads, t_weights)
+        ]
+    norm = global_norm(perturbed_grads)
+    if grad_scale is not None:
+        norm = norm / ops.cast(grad_scale, ops.dtype(norm))
+    return norm
+
+
+def renormalization_factor(grad_norm, perturbed_norm, *, epsilon=1e-12, max_scale=None):
+    """SSAM's `gamma = ||T(w) g|| / (||T(w+e) g_asc|| + epsilon)`.
+
+    Optionally clipped to `max_scale` (the authors' code keeps a commented
+    `min(1, gamma)` for extra stability). Where the denominator is zero the
+    perturbed gradient is zero too, and gamma is reported as 1.
+    """
+    gamma = safe_divide(grad_norm, perturbed_norm + epsilon, ops.ones_like(grad_norm))
+    if max_scale is not None:
+        gamma = ops.minimum(gamma, ops.cast(max_scale, ops.dtype(gamma)))
+    return gamma
+
+
+def scale_gradients(grads, factor):
+    """`factor * g` for each gradient that is not `None`."""
+    return _scale_list(grads, factor)
