@@ -1,10 +1,15 @@
 """`SAMModel`: a `keras.Model` whose `train_step` runs SAM's two passes."""
 
 import importlib
+import numbers
 
 import keras
+from keras import ops
+from keras import tree
 
 from keras_ssam.optimizers import find_sam_optimizer
+
+DIAGNOSTICS = ("grad_norm", "perturbed_grad_norm", "renorm_factor", "sharpness")
 
 _STEP_MODULES = {
     "tensorflow": "keras_ssam.backend.tensorflow",
@@ -41,6 +46,17 @@ class SAMModel(keras.Model):
     Args:
         model: a built or unbuilt `keras.Model` (Sequential, functional or
             subclassed).
+        diagnostics: add to the training logs (epoch means, like `loss`):
+            `grad_norm` (`||T g||`), `perturbed_grad_norm` (`||T g_asc||` as
+            used in gamma), `renorm_factor` (SSAM's gamma; 1.0 when not
+            stable) and `sharpness` (batch loss at `w + e` minus batch loss at
+            `w`). Off by default, and then nothing extra is computed.
+        num_batch_splits: m-sharpness (Foret et al. 2021, sec. 4.1): split each
+            batch into this many equal chunks, each with its own `g`, `e`,
+            `g_asc` (and gamma); the update gradient is the mean of the
+            chunks' update gradients. The logged loss, the metrics and the
+            state updates still come from the clean pass over the whole batch.
+            The batch size must be a multiple of it.
         name: name of the wrapper; defaults to `"sam_" + model.name`.
 
     Example:
@@ -57,7 +73,7 @@ class SAMModel(keras.Model):
     ```
     """
 
-    def __init__(self, model, name=None, **kwargs):
+    def __init__(self, model, diagnostics=False, num_batch_splits=1, name=None, **kwargs):
         if not isinstance(model, keras.Model):
             raise ValueError(
                 "Argument `model` must be a keras.Model instance "
@@ -68,9 +84,27 @@ class SAMModel(keras.Model):
                 "Argument `model` is already a SAMModel; wrap the inner model "
                 f"once. Received: model={model!r}"
             )
+        if not isinstance(diagnostics, bool):
+            raise ValueError(
+                f"Argument `diagnostics` must be a bool. Received: diagnostics={diagnostics!r}"
+            )
+        if (
+            not isinstance(num_batch_splits, numbers.Integral)
+            or isinstance(num_batch_splits, bool)
+            or num_batch_splits < 1
+        ):
+            raise ValueError(
+                "Argument `num_batch_splits` must be an integer >= 1. "
+                f"Received: num_batch_splits={num_batch_splits!r}"
+            )
         kwargs.setdefault("dtype", model.dtype_policy)
         super().__init__(name=name or f"sam_{model.name}", **kwargs)
         self.model = model
+        self.diagnostics = diagnostics
+        self.num_batch_splits = int(num_batch_splits)
+        self._diagnostic_metrics = (
+            [keras.metrics.Mean(name=n) for n in DIAGNOSTICS] if diagnostics else []
+        )
         if hasattr(model, "output_names"):
             self.output_names = model.output_names
         if model.built:
@@ -123,6 +157,71 @@ class SAMModel(keras.Model):
     def train_step(self, *args):
         return _step_module().train_step(self, *args)
 
+    def test_step(self, *args):
+        # Diagnostics describe training steps only; keep them out of evaluate.
+        result = super().test_step(*args)
+        if not self.diagnostics:
+            return result
+        if keras.backend.backend() == "jax":
+            logs, state = result
+            return _without_diagnostics(logs), state
+        return _without_diagnostics(result)
+
+    def sam_update_gradients(self, grads, weights, clean_loss, stateless_gradient, x, y, sample_weight):
+        """The gradient to hand to the base optimizer, and diagnostics.
+
+        Backend-agnostic: the backend supplies the clean gradients `grads` at
+        `weights` (or `None` when `num_batch_splits > 1`) and
+        `stateless_gradient(values, x, y, sample_weight) -> (loss, grads)`,
+        the scaled-loss gradient at `values` from the pre-step state.
+
+        Returns:
+            `(update_gradients, stats)`; `stats` is empty unless diagnostics.
+        """
+        sam = self.sam_optimizer()
+        grad_scale = self.loss_scale()
+        splits = self.num_batch_splits
+        if splits == 1:
+            return self._one_sam_update(
+                sam, grads, weights, clean_loss, grad_scale,
+                lambda values: stateless_gradient(values, x, y, sample_weight),
+            )
+        updates, stats = [], []
+        for cx, cy, csw in _split_batch((x, y, sample_weight), splits):
+            chunk_loss, chunk_grads = stateless_gradient(weights, cx, cy, csw)
+            update, chunk_stats = self._one_sam_update(
+                sam, chunk_grads, weights, chunk_loss, grad_scale,
+                lambda values, cx=cx, cy=cy, csw=csw: stateless_gradient(values, cx, cy, csw),
+            )
+            updates.append(update)
+            stats.append(chunk_stats)
+        mean_update = [
+            None if parts[0] is None else ops.mean(ops.stack(parts), axis=0)
+            for parts in zip(*updates)
+        ]
+        mean_stats = {
+            k: ops.mean(ops.stack([s[k] for s in stats])) for k in stats[0]
+        }
+        return mean_update, mean_stats
+
+    def _one_sam_update(self, sam, grads, weights, clean_loss, grad_scale, gradient_at):
+        perturbations, grad_norm = sam.perturbation(grads, weights, grad_scale)
+        perturbed = [w if e is None else w + e for w, e in zip(weights, perturbations)]
+        perturbed_loss, perturbed_grads = gradient_at(perturbed)
+        update, stats = sam.update_gradients(
+            grads, perturbed_grads, perturbed, grad_norm, grad_scale,
+            need_stats=self.diagnostics,
+        )
+        if self.diagnostics:
+            stats["grad_norm"] = grad_norm
+            stats["sharpness"] = ops.cast(perturbed_loss, "float32") - ops.cast(clean_loss, "float32")
+        return update, stats
+
+    def update_diagnostics(self, stats):
+        """Adds one step's diagnostics to their running means (stateful)."""
+        for metric in self._diagnostic_metrics:
+            metric.update_state(stats[metric.name])
+
     def stateless_training_loss(
         self, trainable_values, non_trainable_values, metrics_values, x, y, sample_weight
     ):
@@ -166,6 +265,8 @@ class SAMModel(keras.Model):
         return {
             "name": self.name,
             "model": keras.saving.serialize_keras_object(self.model),
+            "diagnostics": self.diagnostics,
+            "num_batch_splits": self.num_batch_splits,
         }
 
     @classmethod
@@ -175,3 +276,30 @@ class SAMModel(keras.Model):
             config["model"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+def _without_diagnostics(logs):
+    return {k: v for k, v in logs.items() if k not in DIAGNOSTICS}
+
+
+def _split_batch(data, splits):
+    """Splits every tensor of `(x, y, sample_weight)` into `splits` equal
+    chunks along the batch axis; returns a list of `(x, y, sample_weight)`."""
+    batch = next(t for t in tree.flatten(data) if t is not None).shape[0]
+    if batch is not None and batch % splits:
+        raise ValueError(
+            f"num_batch_splits={splits} does not divide the batch size {batch}. "
+            "Choose a batch size that is a multiple of num_batch_splits (and "
+            "drop or pad a partial last batch)."
+        )
+
+    def split(structure):
+        if structure is None:
+            return [None] * splits
+        leaves = [ops.split(t, splits, axis=0) for t in tree.flatten(structure)]
+        return [
+            tree.pack_sequence_as(structure, [parts[i] for parts in leaves])
+            for i in range(splits)
+        ]
+
+    return list(zip(*(split(part) for part in data)))

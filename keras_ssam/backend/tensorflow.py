@@ -1,4 +1,4 @@
-"""SAM train step for the TensorFlow backend: two `tf.GradientTape` passes."""
+"""SAM train step for the TensorFlow backend: `tf.GradientTape` passes."""
 
 import tensorflow as tf
 from keras import tree
@@ -20,6 +20,7 @@ def train_step(model, data):
     # dependencies order these reads before the clean pass's assignments.
     non_trainable_before = [tf.identity(v.value) for v in model.non_trainable_variables]
     metrics_before = [tf.identity(v.value) for v in model.metrics_variables]
+    weights = [tf.convert_to_tensor(v.value) for v in trainable]
 
     # Clean pass at w, stateful as in Keras's own train_step.
     with tf.GradientTape() as tape:
@@ -32,26 +33,27 @@ def train_step(model, data):
             sample_weight=tf.shape(next(i for i in tree.flatten(x) if i is not None))[0],
         )
         scaled = model.optimizer.scale_loss(loss)
-    grads = _dense(tape.gradient(scaled, trainable))
+    grads = None
+    if model.num_batch_splits == 1:
+        grads = _dense(tape.gradient(scaled, trainable))
+    del tape
 
-    sam = model.sam_optimizer()
-    grad_scale = model.loss_scale()
-    weights = [tf.convert_to_tensor(v.value) for v in trainable]
-    perturbations, grad_norm = sam.perturbation(grads, weights, grad_scale)
-    perturbed = [w if e is None else w + e for w, e in zip(weights, perturbations)]
+    def stateless_gradient(values, x, y, sample_weight):
+        # Nothing computed here is written: the perturbed pass leaves no trace.
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            loss, _, _, _ = model.stateless_training_loss(
+                values, non_trainable_before, metrics_before, x, y, sample_weight
+            )
+            scaled = model.optimizer.scale_loss(loss)
+        return loss, _dense(tape.gradient(scaled, values))
 
-    # Perturbed pass at w + e, stateless: nothing it computes is written.
-    with tf.GradientTape() as tape:
-        tape.watch(perturbed)
-        perturbed_loss, _, _, _ = model.stateless_training_loss(
-            perturbed, non_trainable_before, metrics_before, x, y, sample_weight
-        )
-        perturbed_scaled = model.optimizer.scale_loss(perturbed_loss)
-    perturbed_grads = _dense(tape.gradient(perturbed_scaled, perturbed))
-    update, _ = sam.update_gradients(
-        grads, perturbed_grads, perturbed, grad_norm, grad_scale
+    update, stats = model.sam_update_gradients(
+        grads, weights, loss, stateless_gradient, x, y, sample_weight
     )
-
+    sam = model.sam_optimizer()
     with sam.sam_step():
         model.optimizer.apply(update, trainable)
+    if stats:
+        model.update_diagnostics(stats)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

@@ -1,9 +1,9 @@
-"""SAM train step for the PyTorch backend: two autograd passes.
+"""SAM train step for the PyTorch backend: autograd passes.
 
 Keras's torch `Dropout` without an explicit seed draws from torch's global
-generator, not from Keras's seed state, so the perturbed pass replays that
-generator from where the clean pass started and then leaves it where the clean
-pass left it: both passes see the same dropout mask.
+generator, not from Keras's seed state, so every stateless pass replays that
+generator from where the clean pass started, and the step leaves it where the
+clean pass left it: all passes see the same dropout mask.
 """
 
 import torch
@@ -40,36 +40,40 @@ def train_step(model, data):
     model._loss_tracker.update_state(
         loss, sample_weight=next(i for i in tree.flatten(x) if i is not None).shape[0]
     )
-    grads = torch.autograd.grad(
-        model.optimizer.scale_loss(loss), weights, allow_unused=True
-    )
+    grads = None
+    if model.num_batch_splits == 1:
+        grads = torch.autograd.grad(
+            model.optimizer.scale_loss(loss), weights, allow_unused=True
+        )
     rng_after = _rng_state()
 
+    def stateless_gradient(values, x, y, sample_weight):
+        # Nothing computed here is written: the perturbed pass leaves no trace.
+        # Called from the no-grad SAM arithmetic: only this pass needs autograd.
+        with torch.enable_grad():
+            values = [v.detach().requires_grad_(True) for v in values]
+            _set_rng_state(rng_before)
+            loss, _, _, _ = model.stateless_training_loss(
+                values, non_trainable_before, metrics_values, x, y, sample_weight
+            )
+            grads = torch.autograd.grad(
+                model.optimizer.scale_loss(loss), values, allow_unused=True
+            )
+        return loss.detach(), grads
+
+    try:
+        with torch.no_grad():
+            update, stats = model.sam_update_gradients(
+                grads, [w.detach() for w in weights], loss.detach(),
+                stateless_gradient, x, y, sample_weight,
+            )
+    finally:
+        _set_rng_state(rng_after)
     sam = model.sam_optimizer()
-    grad_scale = model.loss_scale()
     with torch.no_grad():
-        perturbations, grad_norm = sam.perturbation(grads, weights, grad_scale)
-        perturbed = [
-            w.detach() if e is None else w.detach() + e
-            for w, e in zip(weights, perturbations)
-        ]
-    for p in perturbed:
-        p.requires_grad_(True)
-
-    # Perturbed pass at w + e, stateless: nothing it computes is written.
-    _set_rng_state(rng_before)
-    perturbed_loss, _, _, _ = model.stateless_training_loss(
-        perturbed, non_trainable_before, metrics_values, x, y, sample_weight
-    )
-    perturbed_grads = torch.autograd.grad(
-        model.optimizer.scale_loss(perturbed_loss), perturbed, allow_unused=True
-    )
-    _set_rng_state(rng_after)
-
-    with torch.no_grad():
-        update, _ = sam.update_gradients(
-            grads, perturbed_grads, perturbed, grad_norm, grad_scale
-        )
         with sam.sam_step():
             model.optimizer.apply(update, trainable)
+        if stats:
+            model.update_diagnostics(stats)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+

@@ -1,0 +1,502 @@
+"""Flatness of a minimum: top Hessian eigenvalue and Hessian trace.
+
+Both estimators need only Hessian-vector products `H v` of the loss with
+respect to a model's trainable weights, which are computed here by central
+finite differences of gradients:
+
+    H v ~= (grad L(w + h u) - grad L(w - h u)) / (2 h) * ||v||,  u = v / ||v||,
+    h = step * max(||w||, 1)
+
+(exact for a quadratic loss up to rounding; error O(h^2) otherwise). The loss
+`L` is the loss over the whole dataset `(x, y)`, evaluated in batches with
+`training=False` (inference-mode BatchNormalization, no dropout) through
+`model.stateless_call`: the model's variables are never written.
+
+Public functions:
+    hessian_top_eigenvalue: power iteration on `H`.
+    hessian_trace: Hutchinson's estimator with Rademacher probes.
+
+Both work on the tensorflow, jax and torch backends.
+
+References:
+    Power iteration: e.g. Golub & Van Loan, "Matrix Computations", sec. 8.2.
+    Hutchinson, "A stochastic estimator of the trace of the influence matrix
+        for Laplacian smoothing splines", Communications in Statistics -
+        Simulation and Computation 18(3), 1989.
+    Yao, Gholami, Keutzer & Mahoney, "PyHessian: Neural Networks Through the
+        Lens of the Hessian", IEEE BigData 2020 (arXiv 1912.07145): the same
+        two estimators applied to neural networks.
+"""
+
+import math
+import numbers
+
+import keras
+import numpy as np
+from keras import ops
+from keras import tree
+
+__all__ = ["hessian_top_eigenvalue", "hessian_trace"]
+
+
+# --------------------------------------------------------------------------
+# Argument checks.
+
+
+def _check_int(name, value, minimum):
+    if (
+        not isinstance(value, numbers.Integral)
+        or isinstance(value, bool)
+        or value < minimum
+    ):
+        raise ValueError(
+            f"Argument `{name}` must be an integer >= {minimum}. "
+            f"Received: {name}={value!r}"
+        )
+
+
+def _check_positive(name, value, allow_zero=False, allow_none=False):
+    if value is None and allow_none:
+        return
+    ok = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        extra = " or None" if allow_none else ""
+        raise ValueError(
+            f"Argument `{name}` must be a finite number {bound}{extra}. "
+            f"Received: {name}={value!r}"
+        )
+
+
+def _check_seed(seed):
+    if seed is None:
+        return
+    if (
+        not isinstance(seed, numbers.Integral)
+        or isinstance(seed, bool)
+        or seed < 0
+    ):
+        raise ValueError(
+            "Argument `seed` must be None or an integer >= 0. "
+            f"Received: seed={seed!r}"
+        )
+
+
+def _check_model(model):
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            "Argument `model` must be a keras.Model instance. "
+            f"Received: model={model!r}"
+        )
+    if not model.built:
+        raise ValueError(
+            "Argument `model` must be built (call it on a batch, or call "
+            f"`model.build(input_shape)`) first. Received: model={model.name!r} "
+            "(not built)"
+        )
+    if not model.trainable_variables:
+        raise ValueError(
+            "Argument `model` has no trainable weights, so the loss has no "
+            f"Hessian with respect to them. Received: model={model.name!r}"
+        )
+
+
+def _num_examples(name, data):
+    flat = [a for a in tree.flatten(data) if a is not None]
+    if not flat:
+        raise ValueError(f"Argument `{name}` must hold at least one array. Received: {name}={data!r}")
+    sizes = set()
+    for a in flat:
+        shape = getattr(a, "shape", None)
+        if shape is None or len(shape) == 0:
+            raise ValueError(
+                f"Argument `{name}` must hold arrays with a leading batch "
+                f"dimension. Received: {name} with an element of shape {shape!r}"
+            )
+        sizes.add(int(shape[0]))
+    if len(sizes) != 1:
+        raise ValueError(
+            f"Arrays in argument `{name}` disagree on the number of examples: "
+            f"{sorted(sizes)}"
+        )
+    return sizes.pop()
+
+
+def _resolve_loss(model, loss):
+    """A callable `(y_true, y_pred) -> loss` (scalar or per example)."""
+    if loss is None:
+        loss = getattr(model, "loss", None)
+        if loss is None:
+            raise ValueError(
+                "Argument `loss` is None and the model is not compiled with a "
+                "loss: pass `loss=` (a callable `(y_true, y_pred) -> scalar`, "
+                "a keras.losses.Loss or a loss name such as 'mse'). "
+                f"Received: loss=None, model={model.name!r}"
+            )
+        source = f"the model's compiled loss {loss!r}"
+    else:
+        source = f"loss={loss!r}"
+    if isinstance(loss, (dict, list, tuple)):
+        raise ValueError(
+            "Only a single loss is supported (one output); for a model with "
+            "several losses pass `loss=` as one callable "
+            f"`(y_true, y_pred) -> scalar`. Received: {source}"
+        )
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            raise ValueError(
+                f"Argument `loss` names no Keras loss. Received: {source}"
+            ) from None
+    if not callable(loss):
+        raise ValueError(
+            "Argument `loss` must be a callable `(y_true, y_pred) -> scalar`, "
+            f"a keras.losses.Loss or a loss name. Received: {source}"
+        )
+    return loss
+
+
+# --------------------------------------------------------------------------
+# Per-backend gradient of the batch loss at given weight values.
+
+
+def _batch_loss(model, loss_fn, include_regularization, trainable, non_trainable, x, y):
+    if include_regularization:
+        y_pred, _, losses = model.stateless_call(
+            trainable, non_trainable, x, training=False, return_losses=True
+        )
+    else:
+        y_pred, _ = model.stateless_call(trainable, non_trainable, x, training=False)
+        losses = []
+    # Loss functions such as keras.losses.mean_squared_error return one value
+    # per example; keras.losses.Loss objects return the batch mean.
+    value = ops.mean(ops.cast(loss_fn(y, y_pred), "float32"))
+    for extra in losses:
+        value = value + ops.cast(extra, "float32")
+    return value
+
+
+def _gradient_function(model, loss_fn, include_regularization):
+    """Returns `fn(trainable_values, non_trainable_values, x, y) -> grads`.
+
+    `grads` is a list with one tensor per trainable weight (zeros where the
+    loss does not depend on it): the gradient of the batch loss at
+    `trainable_values`, computed with `model.stateless_call(...,
+    training=False)`. Nothing is written to the model.
+    """
+    backend = keras.backend.backend()
+
+    def loss_at(trainable, non_trainable, x, y):
+        return _batch_loss(
+            model, loss_fn, include_regularization, trainable, non_trainable, x, y
+        )
+
+    if backend == "jax":
+        import jax
+
+        grad = jax.jit(jax.grad(loss_at))
+
+        def fn(trainable, non_trainable, x, y):
+            return list(grad(list(trainable), list(non_trainable), x, y))
+
+        return fn
+
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(reduce_retracing=True)
+        def grad(trainable, non_trainable, x, y):
+            with tf.GradientTape() as tape:
+                tape.watch(trainable)
+                value = loss_at(trainable, non_trainable, x, y)
+            grads = tape.gradient(value, trainable)
+            return [
+                tf.zeros_like(w) if g is None else tf.convert_to_tensor(g)
+                for w, g in zip(trainable, grads)
+            ]
+
+        def fn(trainable, non_trainable, x, y):
+            return grad(list(trainable), list(non_trainable), x, y)
+
+        return fn
+
+    if backend == "torch":
+        import torch
+
+        def fn(trainable, non_trainable, x, y):
+            leaves = [w.detach().requires_grad_(True) for w in trainable]
+            with torch.enable_grad():
+                value = loss_at(leaves, list(non_trainable), x, y)
+                grads = torch.autograd.grad(value, leaves, allow_unused=True)
+            return [
+                torch.zeros_like(w) if g is None else g.detach()
+                for w, g in zip(leaves, grads)
+            ]
+
+        return fn
+
+    raise NotImplementedError(
+        "keras_ssam.flatness supports the tensorflow, jax and torch backends; "
+        f"KERAS_BACKEND is {backend!r}."
+    )
+
+
+# --------------------------------------------------------------------------
+# Lists of tensors as one vector.
+
+
+def _dot(a, b):
+    """`sum_i <a_i, b_i>` as a Python float (accumulated in float32, or
+    float64 for float64 tensors)."""
+    total = 0.0
+    for u, v in zip(a, b):
+        dtype = "float64" if ops.dtype(u) == "float64" else "float32"
+        total += float(ops.convert_to_numpy(ops.sum(ops.cast(u, dtype) * ops.cast(v, dtype))))
+    return total
+
+
+def _norm(a):
+    return math.sqrt(_dot(a, a))
+
+
+def _axpy(alpha, x, y):
+    """`alpha * x + y`, elementwise over the lists."""
+    return [ops.add(ops.multiply(ops.cast(alpha, ops.dtype(v)), u), v) for u, v in zip(x, y)]
+
+
+def _scale(alpha, x):
+    return [ops.multiply(ops.cast(alpha, ops.dtype(u)), u) for u in x]
+
+
+class _HessianVectorProduct:
+    """`v -> H v` for the dataset loss at the model's current weights."""
+
+    def __init__(
+        self, model, x, y, loss, batch_size, include_regularization, step
+    ):
+        _check_model(model)
+        _check_int("batch_size", batch_size, 1)
+        _check_positive("finite_difference_step", step, allow_none=True)
+        n = _num_examples("x", x)
+        if y is None:
+            raise ValueError("Argument `y` is required (the targets of `x`). Received: y=None")
+        n_y = _num_examples("y", y)
+        if n != n_y:
+            raise ValueError(
+                "Arguments `x` and `y` must have the same number of examples. "
+                f"Received: x with {n}, y with {n_y}"
+            )
+        self.model = model
+        self.loss_fn = _resolve_loss(model, loss)
+        self.grad_fn = _gradient_function(model, self.loss_fn, include_regularization)
+        # Snapshot of the weights: stop_gradient gives tensors detached from
+        # the variables (torch), which the computation only reads.
+        self.weights = [ops.stop_gradient(ops.convert_to_tensor(v.value)) for v in model.trainable_variables]
+        self.non_trainable = [
+            ops.stop_gradient(ops.convert_to_tensor(v.value)) for v in model.non_trainable_variables
+        ]
+        dtype = ops.dtype(self.weights[0])
+        if step is None:
+            step = 1e-6 if dtype == "float64" else 1e-3
+        self.h = step * max(_norm(self.weights), 1.0)
+        self.batches = []
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            self.batches.append(
+                (
+                    tree.map_structure(lambda a: a[start:stop], x),
+                    tree.map_structure(lambda a: a[start:stop], y),
+                    (stop - start) / n,
+                )
+            )
+
+    def shapes(self):
+        return [tuple(w.shape) for w in self.weights]
+
+    def dtypes(self):
+        return [ops.dtype(w) for w in self.weights]
+
+    def _full_gradient(self, weights):
+        total = None
+        for bx, by, fraction in self.batches:
+            grads = self.grad_fn(weights, self.non_trainable, bx, by)
+            grads = _scale(fraction, grads)
+            total = grads if total is None else [ops.add(t, g) for t, g in zip(total, grads)]
+        return total
+
+    def __call__(self, v):
+        norm = _norm(v)
+        if norm == 0.0:
+            return [ops.zeros_like(u) for u in v]
+        u = _scale(1.0 / norm, v)
+        plus = self._full_gradient(_axpy(self.h, u, self.weights))
+        minus = self._full_gradient(_axpy(-self.h, u, self.weights))
+        factor = norm / (2.0 * self.h)
+        return [ops.multiply(ops.subtract(p, m), ops.cast(factor, ops.dtype(p))) for p, m in zip(plus, minus)]
+
+
+def _to_tensors(arrays, dtypes):
+    return [ops.convert_to_tensor(a, dtype=d) for a, d in zip(arrays, dtypes)]
+
+
+def hessian_top_eigenvalue(
+    model,
+    x,
+    y,
+    loss=None,
+    num_iterations=20,
+    tol=1e-4,
+    batch_size=256,
+    seed=None,
+    include_regularization=False,
+    finite_difference_step=None,
+):
+    """Top eigenvalue of the loss Hessian w.r.t. the trainable weights.
+
+    Power iteration on the Hessian `H` of the dataset loss at the model's
+    current weights `w`:
+
+        v_0 ~ N(0, I), normalized
+        lambda_k = v_k^T H v_k          (Rayleigh quotient)
+        v_{k+1}  = H v_k / ||H v_k||
+
+    stopping after `num_iterations` Hessian-vector products, or earlier once
+    `|lambda_k - lambda_{k-1}| <= tol * |lambda_k|` (as PyHessian, Yao et
+    al. 2020, does). Power iteration finds the eigenvalue of largest
+    magnitude; at or near a minimum that is the top (most positive)
+    eigenvalue, the usual sharpness measure. Its convergence rate is
+    `|lambda_2 / lambda_1|` per iteration.
+
+    Each Hessian-vector product is a central finite difference of two
+    full-dataset gradients, `H v ~= (grad L(w + h u) - grad L(w - h u)) /
+    (2h) ||v||` with `u = v / ||v||` and `h = finite_difference_step *
+    max(||w||, 1)`. The model's weights are read, never written.
+
+    Args:
+        model: a built `keras.Model` (a `keras_ssam.SAMModel` works too).
+        x: inputs, an array or a structure of arrays the model accepts, with
+            the examples along the first axis.
+        y: targets for `x`.
+        loss: a callable `(y_true, y_pred) -> loss` (a scalar, or one value
+            per example, which is averaged), a `keras.losses.Loss`, or a loss
+            name; `None` uses the loss the model was compiled with. The loss
+            over the dataset is the mean of the batch losses weighted by
+            batch size, i.e. the mean over examples for mean-reduced losses.
+        num_iterations: maximum number of power iterations (Hessian-vector
+            products), an integer >= 1.
+        tol: relative tolerance for stopping early, >= 0 (0 runs all
+            `num_iterations`).
+        batch_size: examples per forward-backward pass (memory only: the
+            result is for the whole dataset).
+        seed: integer seed of the starting vector, or `None` for a random
+            one.
+        include_regularization: add the model's `losses` (weight and
+            activity regularizers, `add_loss`) evaluated at the same weights.
+        finite_difference_step: relative finite-difference step, `> 0`;
+            `None` is 1e-3 for float32 weights and 1e-6 for float64.
+
+    Returns:
+        The eigenvalue estimate, a Python float.
+
+    Example:
+
+    ```python
+    lam = keras_ssam.flatness.hessian_top_eigenvalue(
+        model, x_train[:1000], y_train[:1000], seed=0)
+    ```
+    """
+    _check_int("num_iterations", num_iterations, 1)
+    _check_positive("tol", tol, allow_zero=True)
+    _check_seed(seed)
+    hvp = _HessianVectorProduct(
+        model, x, y, loss, batch_size, include_regularization, finite_difference_step
+    )
+    rng = np.random.default_rng(seed)
+    v = _to_tensors(
+        [rng.standard_normal(s) for s in hvp.shapes()], hvp.dtypes()
+    )
+    v = _scale(1.0 / _norm(v), v)
+    eigenvalue = None
+    for _ in range(num_iterations):
+        hv = hvp(v)
+        new = _dot(v, hv)
+        norm = _norm(hv)
+        if norm == 0.0:
+            return 0.0
+        v = _scale(1.0 / norm, hv)
+        converged = eigenvalue is not None and abs(new - eigenvalue) <= tol * abs(new)
+        eigenvalue = new
+        if converged:
+            break
+    return float(eigenvalue)
+
+
+def hessian_trace(
+    model,
+    x,
+    y,
+    loss=None,
+    num_samples=100,
+    batch_size=256,
+    seed=None,
+    include_regularization=False,
+    finite_difference_step=None,
+):
+    """Hessian trace of the loss w.r.t. the trainable weights (Hutchinson).
+
+    Hutchinson's estimator (Hutchinson 1989; used for networks by
+    PyHessian, Yao et al. 2020): with Rademacher probes `v` (entries +1 or
+    -1 with equal probability), `E[v^T H v] = tr(H)`, so
+
+        tr(H) ~= (1 / m) sum_{i=1..m} v_i^T H v_i,
+
+    `m = num_samples`. The estimate is unbiased with variance
+    `2 (||H||_F^2 - sum_j H_jj^2) / m`: it is exact for a diagonal `H` and
+    its error shrinks as `1 / sqrt(m)`.
+
+    Hessian-vector products are central finite differences of full-dataset
+    gradients, as in `hessian_top_eigenvalue`. The model's weights are read,
+    never written.
+
+    Args:
+        model: a built `keras.Model` (a `keras_ssam.SAMModel` works too).
+        x: inputs, an array or a structure of arrays the model accepts.
+        y: targets for `x`.
+        loss: as in `hessian_top_eigenvalue`; `None` uses the compiled loss.
+        num_samples: number of probes `m`, an integer >= 1.
+        batch_size: examples per forward-backward pass (memory only).
+        seed: integer seed of the probes, or `None` for random ones.
+        include_regularization: add the model's `losses` (regularizers).
+        finite_difference_step: relative finite-difference step, `> 0`;
+            `None` is 1e-3 for float32 weights and 1e-6 for float64.
+
+    Returns:
+        The trace estimate, a Python float.
+
+    Example:
+
+    ```python
+    tr = keras_ssam.flatness.hessian_trace(
+        model, x_train[:1000], y_train[:1000], num_samples=50, seed=0)
+    ```
+    """
+    _check_int("num_samples", num_samples, 1)
+    _check_seed(seed)
+    hvp = _HessianVectorProduct(
+        model, x, y, loss, batch_size, include_regularization, finite_difference_step
+    )
+    rng = np.random.default_rng(seed)
+    total = 0.0
+    for _ in range(num_samples):
+        probe = _to_tensors(
+            [2.0 * rng.integers(0, 2, size=s) - 1.0 for s in hvp.shapes()],
+            hvp.dtypes(),
+        )
+        total += _dot(probe, hvp(probe))
+    return total / num_samples
