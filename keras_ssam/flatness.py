@@ -176,10 +176,17 @@ def _batch_loss(model, loss_fn, include_regularization, trainable, non_trainable
         losses = []
     # Loss functions such as keras.losses.mean_squared_error return one value
     # per example; keras.losses.Loss objects return the batch mean.
-    value = ops.mean(ops.cast(loss_fn(y, y_pred), "float32"))
+    value = ops.mean(_at_least_float32(loss_fn(y, y_pred)))
     for extra in losses:
-        value = value + ops.cast(extra, "float32")
+        value = value + ops.cast(_at_least_float32(extra), ops.dtype(value))
     return value
+
+
+def _at_least_float32(t):
+    t = ops.convert_to_tensor(t)
+    if ops.dtype(t) in ("float16", "bfloat16") or not ops.dtype(t).startswith("float"):
+        return ops.cast(t, "float32")
+    return t
 
 
 def _gradient_function(model, loss_fn, include_regularization):
