@@ -61,7 +61,7 @@ def make_optimizer(method):
         # gets going, so rho must be ~10x SAM's to perturb by a similar amount.
         # The renormalization (descent step rescaled to ||g||) keeps the
         # larger rho stable.
-        return keras_ssam.SSAM(base, rho=0.5)
+        return keras_ssam.SSAM(base, rho=0.2)
     raise ValueError(method)
 
 

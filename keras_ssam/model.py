@@ -9,6 +9,7 @@ from keras import tree
 
 from keras_ssam.optimizers import find_sam_optimizer
 
+PERTURBATION_SCOPES = ("global", "local")
 DIAGNOSTICS = ("grad_norm", "perturbed_grad_norm", "renorm_factor", "sharpness")
 
 _STEP_MODULES = {
@@ -57,6 +58,15 @@ class SAMModel(keras.Model):
             chunks' update gradients. The logged loss, the metrics and the
             state updates still come from the clean pass over the whole batch.
             The batch size must be a multiple of it.
+        perturbation_scope: with data parallelism (JAX `keras.distribution`,
+            `tf.distribute`), `"global"` (default) takes `g`, `e` and gamma
+            from the all-reduced gradient, identical on every replica, so a
+            distributed run equals the single-device run of the global batch;
+            `"local"` perturbs each replica with its own gradient (the
+            m-sharpness of the SAM paper and Google's reference code, with m
+            the per-replica batch), and the update is the mean of the
+            replicas' update gradients. Without data parallelism both are
+            the same.
         name: name of the wrapper; defaults to `"sam_" + model.name`.
 
     Example:
@@ -73,7 +83,15 @@ class SAMModel(keras.Model):
     ```
     """
 
-    def __init__(self, model, diagnostics=False, num_batch_splits=1, name=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        diagnostics=False,
+        num_batch_splits=1,
+        perturbation_scope="global",
+        name=None,
+        **kwargs,
+    ):
         if not isinstance(model, keras.Model):
             raise ValueError(
                 "Argument `model` must be a keras.Model instance "
@@ -97,11 +115,17 @@ class SAMModel(keras.Model):
                 "Argument `num_batch_splits` must be an integer >= 1. "
                 f"Received: num_batch_splits={num_batch_splits!r}"
             )
+        if perturbation_scope not in PERTURBATION_SCOPES:
+            raise ValueError(
+                f"Argument `perturbation_scope` must be one of {PERTURBATION_SCOPES}. "
+                f"Received: perturbation_scope={perturbation_scope!r}"
+            )
         kwargs.setdefault("dtype", model.dtype_policy)
         super().__init__(name=name or f"sam_{model.name}", **kwargs)
         self.model = model
         self.diagnostics = diagnostics
         self.num_batch_splits = int(num_batch_splits)
+        self.perturbation_scope = perturbation_scope
         self._diagnostic_metrics = (
             [keras.metrics.Mean(name=n) for n in DIAGNOSTICS] if diagnostics else []
         )
@@ -167,30 +191,60 @@ class SAMModel(keras.Model):
             return _without_diagnostics(logs), state
         return _without_diagnostics(result)
 
-    def sam_update_gradients(self, grads, weights, clean_loss, stateless_gradient, x, y, sample_weight):
+    def sam_update_gradients(
+        self,
+        grads,
+        weights,
+        clean_loss,
+        stateless_gradient,
+        x,
+        y,
+        sample_weight,
+        *,
+        replica_count=1,
+        all_reduce=None,
+        batch_shards=1,
+    ):
         """The gradient to hand to the base optimizer, and diagnostics.
 
         Backend-agnostic: the backend supplies the clean gradients `grads` at
-        `weights` (or `None` when `num_batch_splits > 1`) and
+        `weights` (`None` when the batch is split) and
         `stateless_gradient(values, x, y, sample_weight) -> (loss, grads)`,
-        the scaled-loss gradient at `values` from the pre-step state.
+        the scaled-loss gradient at `values` from the pre-step state; losses
+        are unscaled.
+
+        Args:
+            replica_count, all_reduce: under tf.distribute each replica runs
+                this with gradients that are its `1 / replica_count` share;
+                `all_reduce` sums a list of tensors over replicas.
+            batch_shards: number of data-parallel shards of a global batch
+                (JAX distribution); the local perturbation scope perturbs
+                each shard with its own gradient.
 
         Returns:
             `(update_gradients, stats)`; `stats` is empty unless diagnostics.
         """
         sam = self.sam_optimizer()
         grad_scale = self.loss_scale()
-        splits = self.num_batch_splits
+        local = self.perturbation_scope == "local"
+        reduce = None
+        if replica_count > 1:
+            if local:
+                # Each replica's gradient is its local mean gradient / replicas.
+                grad_scale = (1.0 if grad_scale is None else grad_scale) / replica_count
+            else:
+                reduce = all_reduce
+        splits = self.num_batch_splits * (batch_shards if local else 1)
         if splits == 1:
             return self._one_sam_update(
-                sam, grads, weights, clean_loss, grad_scale,
+                sam, grads, weights, clean_loss, grad_scale, reduce,
                 lambda values: stateless_gradient(values, x, y, sample_weight),
             )
         updates, stats = [], []
         for cx, cy, csw in _split_batch((x, y, sample_weight), splits):
             chunk_loss, chunk_grads = stateless_gradient(weights, cx, cy, csw)
             update, chunk_stats = self._one_sam_update(
-                sam, chunk_grads, weights, chunk_loss, grad_scale,
+                sam, chunk_grads, weights, chunk_loss, grad_scale, reduce,
                 lambda values, cx=cx, cy=cy, csw=csw: stateless_gradient(values, cx, cy, csw),
             )
             updates.append(update)
@@ -204,13 +258,21 @@ class SAMModel(keras.Model):
         }
         return mean_update, mean_stats
 
-    def _one_sam_update(self, sam, grads, weights, clean_loss, grad_scale, gradient_at):
-        perturbations, grad_norm = sam.perturbation(grads, weights, grad_scale)
+    def _one_sam_update(self, sam, grads, weights, clean_loss, grad_scale, reduce, gradient_at):
+        # With `reduce` (global scope over replicas) e and gamma come from the
+        # all-reduced gradients, while the update stays this replica's share:
+        # the optimizer all-reduces it, once.
+        perturbations, grad_norm = sam.perturbation(
+            grads if reduce is None else reduce(grads), weights, grad_scale
+        )
         perturbed = [w if e is None else w + e for w, e in zip(weights, perturbations)]
         perturbed_loss, perturbed_grads = gradient_at(perturbed)
+        norm_grads = None
+        if reduce is not None and (sam.stable or self.diagnostics):
+            norm_grads = reduce(perturbed_grads)
         update, stats = sam.update_gradients(
             grads, perturbed_grads, perturbed, grad_norm, grad_scale,
-            need_stats=self.diagnostics,
+            need_stats=self.diagnostics, norm_perturbed_grads=norm_grads,
         )
         if self.diagnostics:
             stats["grad_norm"] = grad_norm
@@ -267,6 +329,7 @@ class SAMModel(keras.Model):
             "model": keras.saving.serialize_keras_object(self.model),
             "diagnostics": self.diagnostics,
             "num_batch_splits": self.num_batch_splits,
+            "perturbation_scope": self.perturbation_scope,
         }
 
     @classmethod

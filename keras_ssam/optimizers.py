@@ -208,17 +208,22 @@ class SAM(keras.optimizers.Optimizer):
         grad_norm,
         grad_scale=None,
         need_stats=False,
+        norm_perturbed_grads=None,
     ):
         """The gradient handed to the base optimizer, and diagnostics.
 
         Args:
-            grads: the clean gradients (unused unless `stable`; kept for
-                symmetry with `perturbation`).
+            grads: the clean gradients (the update depends on them only
+                through `grad_norm`).
             perturbed_grads: gradients at `perturbed_weights` = w + e.
             perturbed_weights: w + e.
             grad_norm: `||T g||` as returned by `perturbation`.
             grad_scale: loss-scale factor the gradients carry, or `None`.
             need_stats: also compute the perturbed norm when not `stable`.
+            norm_perturbed_grads: the gradients whose norm gamma uses, when
+                they differ from the ones it scales (under tf.distribute, the
+                all-reduced perturbed gradient, while each replica hands its
+                own share to the optimizer, which all-reduces it).
 
         Returns:
             `(update_grads, stats)` where `stats` holds `perturbed_grad_norm`
@@ -230,7 +235,7 @@ class SAM(keras.optimizers.Optimizer):
         if not (self.stable or need_stats):
             return list(perturbed_grads), stats
         perturbed_norm = sam_math.perturbed_grad_norm(
-            perturbed_grads,
+            perturbed_grads if norm_perturbed_grads is None else norm_perturbed_grads,
             perturbed_weights,
             adaptive=self.adaptive,
             eta=self.eta,

@@ -268,15 +268,13 @@ def test_reference_ssam_gamma_is_norm_ratio():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_sam_math_matches_reference(variant):
-    """The optimizer's `perturbation` and `update_gradients` (no train step)
-    give the reference's e, gamma and update on the same inputs."""
-    config, make_optimizer = VARIANTS[variant]
+def test_sam_math_matches_reference():
+    """For every variant, the optimizer's `perturbation` and
+    `update_gradients` (no train step) give the reference's e, ||T g||,
+    ||T(w+e) g_asc||, gamma and update on the same inputs. (One test looping
+    over the variants: it is cheap, and the per-test session reset is not.)"""
     params, batches = mlp_problem()
     x, t = batches[0]
-    _, info = ref.sam_step_gradient(ref.TanhMLP.loss_and_grads, params, x, t, config)
-    sam = make_optimizer(keras.optimizers.SGD(LR, momentum=MOMENTUM))
 
     def tensors(arrays):
         return [keras.ops.convert_to_tensor(np.asarray(a, np.float32)) for a in arrays]
@@ -284,24 +282,39 @@ def test_sam_math_matches_reference(variant):
     def numpy(tensor_list):
         return [np.asarray(keras.ops.convert_to_numpy(a), np.float64) for a in tensor_list]
 
-    e, grad_norm = sam.perturbation(tensors(info["g"]), tensors(params))
-    for a, b in zip(numpy(e), info["e"]):
-        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL_FRACTION * np.max(np.abs(b)))
-    np.testing.assert_allclose(float(grad_norm), info["grad_norm"], rtol=RTOL)
-    update, stats = sam.update_gradients(
-        tensors(info["g"]),
-        tensors(info["g_asc"]),
-        tensors(info["perturbed"]),
-        grad_norm,
-        need_stats=True,
-    )
-    np.testing.assert_allclose(float(stats["renorm_factor"]), info["gamma"], rtol=RTOL)
-    np.testing.assert_allclose(
-        float(stats["perturbed_grad_norm"]), info["perturbed_norm"], rtol=RTOL
-    )
-    expected = [info["gamma"] * g for g in info["g_asc"]]
-    for a, b in zip(numpy(update), expected):
-        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL_FRACTION * np.max(np.abs(b)))
+    def close_lists(actual, expected, what):
+        for a, b in zip(actual, expected):
+            np.testing.assert_allclose(
+                a, b, rtol=RTOL, atol=ATOL_FRACTION * np.max(np.abs(b)), err_msg=what
+            )
+
+    for variant, (config, make_optimizer) in VARIANTS.items():
+        _, info = ref.sam_step_gradient(ref.TanhMLP.loss_and_grads, params, x, t, config)
+        sam = make_optimizer(keras.optimizers.SGD(LR, momentum=MOMENTUM))
+        e, grad_norm = sam.perturbation(tensors(info["g"]), tensors(params))
+        close_lists(numpy(e), info["e"], f"{variant}: e")
+        np.testing.assert_allclose(
+            float(grad_norm), info["grad_norm"], rtol=RTOL, err_msg=f"{variant}: ||T g||"
+        )
+        update, stats = sam.update_gradients(
+            tensors(info["g"]),
+            tensors(info["g_asc"]),
+            tensors(info["perturbed"]),
+            grad_norm,
+            need_stats=True,
+        )
+        np.testing.assert_allclose(
+            float(stats["perturbed_grad_norm"]),
+            info["perturbed_norm"],
+            rtol=RTOL,
+            err_msg=f"{variant}: ||T(w+e) g_asc||",
+        )
+        np.testing.assert_allclose(
+            float(stats["renorm_factor"]), info["gamma"], rtol=RTOL, err_msg=f"{variant}: gamma"
+        )
+        close_lists(
+            numpy(update), [info["gamma"] * g for g in info["g_asc"]], f"{variant}: update"
+        )
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -373,11 +386,10 @@ def _plain_fit_weights():
     "make_optimizer",
     [
         lambda base: keras_ssam.SAM(base, rho=0.0),
-        lambda base: keras_ssam.USAM(base, rho=0.0),
         lambda base: keras_ssam.SSAM(base, rho=0.0),
         lambda base: keras_ssam.SAM(base, rho=0.0, adaptive=True, eta=ETA),
     ],
-    ids=["sam", "usam", "ssam", "asam"],
+    ids=["sam", "ssam", "asam"],
 )
 def test_rho_zero_fit_equals_base_optimizer_fit(make_optimizer):
     """SAMModel with rho=0 and `fit` (4 batches, 2 epochs, shuffle=False) ends
@@ -419,24 +431,37 @@ ONE_D_CASES = [
 ]
 
 
-@pytest.mark.parametrize("loss,normalize,lr,momentum,rho", ONE_D_CASES)
-def test_reference_1d_ssam_is_gradient_descent(loss, normalize, lr, momentum, rho):
+def test_reference_1d_ssam_is_gradient_descent():
     """In 1-D with a convex loss g_asc has the sign of g, so gamma g_asc = g:
-    SSAM is the base optimizer exactly, while USAM (same rho) is not."""
-    model = ref.ScalarLinear(loss)
+    SSAM is the base optimizer exactly, while USAM / SAM (same rho) are not.
+    The notes' closed form: "SSAM with the unnormalized ascent is exactly
+    gradient descent in one dimension" (and so is the normalized one)."""
     params, batches = scalar_problem()
-    ssam = ref.SAMConfig(rho=rho, normalize=normalize, stable=True)
-    gd, _ = ref.train(model.loss_and_grads, params, batches, None, ref.SGD(lr, momentum))
-    traj, infos = ref.train(model.loss_and_grads, params, batches, ssam, ref.SGD(lr, momentum))
-    for info in infos:
-        update = info["gamma"] * info["g_asc"][0]
-        np.testing.assert_allclose(update, info["g"][0], rtol=1e-10)
-        assert abs(info["gamma"] - 1) > 1e-3  # the renormalization is not trivial
-    for a, b in zip(traj, gd):
-        np.testing.assert_allclose(a[0], b[0], rtol=1e-10)
-    usam = ref.SAMConfig(rho=rho, normalize=normalize)
-    other, _ = ref.train(model.loss_and_grads, params, batches, usam, ref.SGD(lr, momentum))
-    assert trajectory_distance(other, gd) > DISTINCT
+    for loss, normalize, lr, momentum, rho in ONE_D_CASES:
+        case = f"{loss}, normalize={normalize}"
+        model = ref.ScalarLinear(loss)
+        ssam = ref.SAMConfig(rho=rho, normalize=normalize, stable=True)
+        gd, _ = ref.train(model.loss_and_grads, params, batches, None, ref.SGD(lr, momentum))
+        traj, infos = ref.train(
+            model.loss_and_grads, params, batches, ssam, ref.SGD(lr, momentum)
+        )
+        for info in infos:
+            np.testing.assert_allclose(
+                info["gamma"],
+                ref.global_norm(info["g"]) / ref.global_norm(info["g_asc"]),
+                rtol=1e-10,
+                err_msg=case,
+            )
+            update = info["gamma"] * info["g_asc"][0]
+            np.testing.assert_allclose(update, info["g"][0], rtol=1e-10, err_msg=case)
+            assert abs(info["gamma"] - 1) > 1e-3, case  # a non-trivial renormalization
+        for a, b in zip(traj, gd):
+            np.testing.assert_allclose(a[0], b[0], rtol=1e-10, err_msg=case)
+        plain_sam = ref.SAMConfig(rho=rho, normalize=normalize)
+        other, _ = ref.train(
+            model.loss_and_grads, params, batches, plain_sam, ref.SGD(lr, momentum)
+        )
+        assert trajectory_distance(other, gd) > DISTINCT, case
 
 
 @pytest.mark.parametrize("loss,normalize,lr,momentum,rho", ONE_D_CASES)

@@ -1,8 +1,19 @@
 """SAM train step for the JAX backend: every pass stateless, under `jit`."""
 
 import jax
+import keras
 from keras import StatelessScope
 from keras.src.trainers.data_adapters import data_adapter_utils
+
+
+def _batch_shards():
+    """Number of data-parallel shards of the batch under keras.distribution."""
+    distribution = keras.distribution.distribution()
+    name = getattr(distribution, "batch_dim_name", None)
+    if name is None:
+        return 1
+    mesh = distribution.device_mesh
+    return mesh.shape[mesh.axis_names.index(name)]
 
 
 def train_step(model, state, data):
@@ -33,7 +44,8 @@ def train_step(model, state, data):
     )
     with StatelessScope(state_mapping=optimizer_mapping):
         update, stats = model.sam_update_gradients(
-            grads, trainable, loss, stateless_gradient, x, y, sample_weight
+            grads, trainable, loss, stateless_gradient, x, y, sample_weight,
+            batch_shards=_batch_shards(),
         )
         sam = model.sam_optimizer()
 

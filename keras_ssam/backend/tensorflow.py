@@ -13,6 +13,20 @@ def _dense(grads):
     ]
 
 
+def _replica_all_reduce():
+    """`(replica_count, all_reduce)` of the enclosing tf.distribute replica."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return 1, None
+
+    def all_reduce(values):
+        present = [v for v in values if v is not None]
+        reduced = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
+        return [None if v is None else next(reduced) for v in values]
+
+    return context.num_replicas_in_sync, all_reduce
+
+
 def train_step(model, data):
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
     trainable = model.trainable_variables
@@ -46,10 +60,16 @@ def train_step(model, data):
                 values, non_trainable_before, metrics_before, x, y, sample_weight
             )
             scaled = model.optimizer.scale_loss(loss)
-        return loss, _dense(tape.gradient(scaled, values))
+        unscaled = loss_module.unscale_loss_for_distribution(loss)
+        return unscaled, _dense(tape.gradient(scaled, values))
 
+    # Under tf.distribute this runs per replica, on gradients that are the
+    # replica's share of the global one (losses carry 1 / replicas).
+    replica_count, all_reduce = _replica_all_reduce()
     update, stats = model.sam_update_gradients(
-        grads, weights, loss, stateless_gradient, x, y, sample_weight
+        grads, weights, loss_module.unscale_loss_for_distribution(loss),
+        stateless_gradient, x, y, sample_weight,
+        replica_count=replica_count, all_reduce=all_reduce,
     )
     sam = model.sam_optimizer()
     with sam.sam_step():

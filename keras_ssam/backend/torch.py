@@ -23,7 +23,26 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state(cuda)
 
 
+def _check_single_process():
+    # Keras's torch backend has no DistributedDataParallel in `fit`: each
+    # process would train its own copy on its own data. Refuse, don't diverge.
+    distributed = torch.distributed
+    if (
+        distributed.is_available()
+        and distributed.is_initialized()
+        and distributed.get_world_size() > 1
+    ):
+        raise RuntimeError(
+            "keras_ssam.SAMModel on the torch backend runs in one process: "
+            "Keras's torch trainer has no DistributedDataParallel support in "
+            f"fit, and torch.distributed has world_size={distributed.get_world_size()}. "
+            "Use the JAX backend (keras.distribution.DataParallel) or "
+            "TensorFlow (tf.distribute.MirroredStrategy) for data parallelism."
+        )
+
+
 def train_step(model, data):
+    _check_single_process()
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
     trainable = model.trainable_variables
     weights = [v.value for v in trainable]
