@@ -48,6 +48,11 @@ SSAM, the descent gradient rescaled to ||g|| (gamma = ||g|| / ||g_asc||):
     runs) SSAM keeps GD's edge 2 / lambda_max whatever rho: the wider stable
     learning-rate range that Tan et al. (JMLR 2025, arXiv 2401.07250) claim for
     SSAM over (U)SAM; and the renormalized SAM converges where SAM cycles.
+    The normalized-ascent SSAM converges more slowly than GD, though: near the
+    minimum its ascent term rho H^2 w / ||H w|| dominates, so the lower
+    coordinates shrink by only lr lambda_i^2 / lambda_max per step (the table
+    shows a ~1e-13 plateau after 100 steps; the float64 update map,
+    `reference_step`, gives the same).
 
 Checks (printed, and failures make the exit status 1)
 ------------------------------------------------------
@@ -320,7 +325,7 @@ def main(argv=None):
     w0 = np.ones(len(eig))
     start = time.perf_counter()
     print(f"backend: {keras.backend.backend()}, eigenvalues: {eig}, rho: {rho}, "
-          f"steps per run: {steps}, w0: {tuple(w0)}")
+          f"steps per run: {steps}, w0: {tuple(float(v) for v in w0)}")
     print(f"closed-form edges: GD/SAM/SSAM 2/lambda_max = {gd_edge(eig):.4f}, "
           f"USAM 2/(lambda_max (1 + rho lambda_max)) = {usam_edge(eig, rho):.4f}")
 
