@@ -30,6 +30,7 @@ References:
 
 import math
 import numbers
+import weakref
 
 import keras
 import numpy as np
@@ -189,6 +190,31 @@ def _at_least_float32(t):
     return t
 
 
+# model -> {(loss_fn, include_regularization): gradient function}. The
+# functions hold the model only through a weak reference, so an entry goes
+# away with its model.
+_GRADIENT_FUNCTIONS = weakref.WeakKeyDictionary()
+_CACHE_SIZE = 4
+
+
+def _cached_gradient_function(model, loss_fn, include_regularization):
+    """`_gradient_function`, cached per model, so that repeated calls (an
+    eigenvalue, then a trace) reuse the compiled JAX/TensorFlow function."""
+    key = (loss_fn, bool(include_regularization))
+    try:
+        hash(key)
+        cache = _GRADIENT_FUNCTIONS.setdefault(model, {})
+    except TypeError:
+        return _gradient_function(model, loss_fn, include_regularization)
+    fn = cache.get(key)
+    if fn is None:
+        fn = _gradient_function(model, loss_fn, include_regularization)
+        if len(cache) >= _CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = fn
+    return fn
+
+
 def _gradient_function(model, loss_fn, include_regularization):
     """Returns `fn(trainable_values, non_trainable_values, x, y) -> grads`.
 
@@ -198,10 +224,11 @@ def _gradient_function(model, loss_fn, include_regularization):
     training=False)`. Nothing is written to the model.
     """
     backend = keras.backend.backend()
+    model_ref = weakref.ref(model)
 
     def loss_at(trainable, non_trainable, x, y):
         return _batch_loss(
-            model, loss_fn, include_regularization, trainable, non_trainable, x, y
+            model_ref(), loss_fn, include_regularization, trainable, non_trainable, x, y
         )
 
     if backend == "jax":
@@ -301,7 +328,9 @@ class _HessianVectorProduct:
             )
         self.model = model
         self.loss_fn = _resolve_loss(model, loss)
-        self.grad_fn = _gradient_function(model, self.loss_fn, include_regularization)
+        self.grad_fn = _cached_gradient_function(
+            model, self.loss_fn, include_regularization
+        )
         # Snapshot of the weights: stop_gradient gives tensors detached from
         # the variables (torch), which the computation only reads.
         self.weights = [ops.stop_gradient(ops.convert_to_tensor(v.value)) for v in model.trainable_variables]

@@ -164,6 +164,8 @@ class SAMModel(keras.Model):
                 "e.g. optimizer=keras_ssam.SAM(keras.optimizers.SGD(0.1)). "
                 f"Received: optimizer={optimizer!r}"
             )
+        if optimizer is not None:
+            find_sam_optimizer(optimizer)._attached_to_sam_model = True
         self._compiled_optimizer = optimizer
 
     def sam_optimizer(self):
@@ -326,6 +328,8 @@ class SAMModel(keras.Model):
     def get_config(self):
         return {
             "name": self.name,
+            "trainable": self.trainable,
+            "dtype": keras.saving.serialize_keras_object(self.dtype_policy),
             "model": keras.saving.serialize_keras_object(self.model),
             "diagnostics": self.diagnostics,
             "num_batch_splits": self.num_batch_splits,

@@ -169,6 +169,8 @@ class SAM(keras.optimizers.Optimizer):
         self.max_scale = max_scale
         self.epsilon = epsilon
         self._sam_step_depth = 0
+        # Set by SAMModel when compiled with this optimizer.
+        self._attached_to_sam_model = False
 
     # -- The SAM math, used by SAMModel's train_step on every backend. --
 
@@ -282,6 +284,14 @@ class SAM(keras.optimizers.Optimizer):
         return self.base_optimizer.variables
 
     def build(self, var_list):
+        # Keras builds the optimizer before the first step (and, on JAX,
+        # before it moves the variables into the step's state): refuse here,
+        # while the model is still intact.
+        if not (self._attached_to_sam_model or self._sam_step_depth):
+            raise RuntimeError(
+                f"{type(self).__name__} was compiled into a model that is not "
+                f"a keras_ssam.SAMModel. {_SAM_MODEL_HINT}"
+            )
         self.base_optimizer.build(var_list)
         self.built = True
 
