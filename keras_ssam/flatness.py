@@ -1,16 +1,29 @@
 """Flatness of a minimum: top Hessian eigenvalue and Hessian trace.
 
-Both estimators need only Hessian-vector products `H v` of the loss with
-respect to a model's trainable weights, which are computed here by central
-finite differences of gradients:
-
-    H v ~= (grad L(w + h u) - grad L(w - h u)) / (2 h) * ||v||,  u = v / ||v||,
-    h = step * max(||w||, 1)
-
-(exact for a quadratic loss up to rounding; error O(h^2) otherwise). The loss
+Both estimators need only Hessian-vector products `H v` of the loss `L` with
+respect to a model's trainable weights `w`; the Hessian is never formed.
 `L` is the loss over the whole dataset `(x, y)`, evaluated in batches with
 `training=False` (inference-mode BatchNormalization, no dropout) through
-`model.stateless_call`: the model's variables are never written.
+`model.stateless_call`: the model's variables are read, never written.
+
+Two ways to compute `H v` (argument `method`):
+
+* `"autodiff"` (default): exact, by differentiating twice: `jax.jvp` of
+  `jax.grad` on JAX, the gradient of `<grad L(w), v>` (double
+  backpropagation, as PyHessian does) on TensorFlow and torch. Needs every
+  op of the model to have a second derivative (all standard Keras layers
+  do). For ReLU networks this is the Hessian almost everywhere, which
+  ignores the kinks.
+* `"finite_difference"`: central differences of gradients,
+
+      H v ~= (grad L(w + h u) - grad L(w - h u)) / (2 h) * ||v||,
+      u = v / ||v||,  h = finite_difference_step * max(||w||, 1),
+
+  exact for a quadratic loss up to rounding, error O(h^2) otherwise. Only
+  first derivatives are needed, but in float32 the rounding error of the
+  gradients is amplified by 1 / h, and a step of size h crosses ReLU and
+  max-pooling kinks: prefer "autodiff" unless an op lacks a second
+  derivative.
 
 Public functions:
     hessian_top_eigenvalue: power iteration on `H`.
@@ -190,29 +203,49 @@ def _at_least_float32(t):
     return t
 
 
-# model -> {(loss_fn, include_regularization): gradient function}. The
-# functions hold the model only through a weak reference, so an entry goes
-# away with its model.
-_GRADIENT_FUNCTIONS = weakref.WeakKeyDictionary()
+# model -> {(kind, loss_fn, include_regularization): function}. The functions
+# hold the model only through a weak reference, so an entry goes away with
+# its model.
+_FUNCTIONS = weakref.WeakKeyDictionary()
 _CACHE_SIZE = 4
 
 
-def _cached_gradient_function(model, loss_fn, include_regularization):
-    """`_gradient_function`, cached per model, so that repeated calls (an
-    eigenvalue, then a trace) reuse the compiled JAX/TensorFlow function."""
-    key = (loss_fn, bool(include_regularization))
+def _cached_function(kind, model, loss_fn, include_regularization):
+    """`_gradient_function` (kind "gradient") or `_hvp_function` (kind
+    "hvp"), cached per model, so that repeated calls (an eigenvalue, then a
+    trace) reuse the compiled JAX/TensorFlow function."""
+    make = _gradient_function if kind == "gradient" else _hvp_function
+    key = (kind, loss_fn, bool(include_regularization))
     try:
         hash(key)
-        cache = _GRADIENT_FUNCTIONS.setdefault(model, {})
+        cache = _FUNCTIONS.setdefault(model, {})
     except TypeError:
-        return _gradient_function(model, loss_fn, include_regularization)
+        return make(model, loss_fn, include_regularization)
     fn = cache.get(key)
     if fn is None:
-        fn = _gradient_function(model, loss_fn, include_regularization)
+        fn = make(model, loss_fn, include_regularization)
         if len(cache) >= _CACHE_SIZE:
             cache.pop(next(iter(cache)))
         cache[key] = fn
     return fn
+
+
+def _loss_function(model, loss_fn, include_regularization):
+    model_ref = weakref.ref(model)
+
+    def loss_at(trainable, non_trainable, x, y):
+        return _batch_loss(
+            model_ref(), loss_fn, include_regularization, trainable, non_trainable, x, y
+        )
+
+    return loss_at
+
+
+def _unsupported_backend(backend):
+    return NotImplementedError(
+        "keras_ssam.flatness supports the tensorflow, jax and torch backends; "
+        f"KERAS_BACKEND is {backend!r}."
+    )
 
 
 def _gradient_function(model, loss_fn, include_regularization):
@@ -224,12 +257,7 @@ def _gradient_function(model, loss_fn, include_regularization):
     training=False)`. Nothing is written to the model.
     """
     backend = keras.backend.backend()
-    model_ref = weakref.ref(model)
-
-    def loss_at(trainable, non_trainable, x, y):
-        return _batch_loss(
-            model_ref(), loss_fn, include_regularization, trainable, non_trainable, x, y
-        )
+    loss_at = _loss_function(model, loss_fn, include_regularization)
 
     if backend == "jax":
         import jax
@@ -275,10 +303,93 @@ def _gradient_function(model, loss_fn, include_regularization):
 
         return fn
 
-    raise NotImplementedError(
-        "keras_ssam.flatness supports the tensorflow, jax and torch backends; "
-        f"KERAS_BACKEND is {backend!r}."
-    )
+    raise _unsupported_backend(backend)
+
+
+def _hvp_function(model, loss_fn, include_regularization):
+    """Returns `fn(trainable_values, non_trainable_values, x, y, v) -> H v`.
+
+    The exact Hessian-vector product of the batch loss at
+    `trainable_values` by automatic differentiation: forward-over-reverse
+    (`jax.jvp` of `jax.grad`) on JAX, the gradient of `<grad L, v>`
+    (double backpropagation, as in PyHessian) on TensorFlow and torch. A list
+    with one tensor per trainable weight; nothing is written to the model.
+    """
+    backend = keras.backend.backend()
+    loss_at = _loss_function(model, loss_fn, include_regularization)
+
+    if backend == "jax":
+        import jax
+
+        def hvp(trainable, non_trainable, x, y, v):
+            def grad(w):
+                return jax.grad(loss_at)(w, non_trainable, x, y)
+
+            return jax.jvp(grad, (trainable,), (v,))[1]
+
+        hvp = jax.jit(hvp)
+
+        def fn(trainable, non_trainable, x, y, v):
+            return list(hvp(list(trainable), list(non_trainable), x, y, list(v)))
+
+        return fn
+
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(reduce_retracing=True)
+        def hvp(trainable, non_trainable, x, y, v):
+            with tf.GradientTape() as outer:
+                outer.watch(trainable)
+                with tf.GradientTape() as inner:
+                    inner.watch(trainable)
+                    value = loss_at(trainable, non_trainable, x, y)
+                grads = inner.gradient(value, trainable)
+                products = [
+                    tf.reduce_sum(tf.convert_to_tensor(g) * u)
+                    for g, u in zip(grads, v)
+                    if g is not None
+                ]
+                gv = tf.add_n(products) if products else tf.zeros(())
+            hv = outer.gradient(gv, trainable)
+            return [
+                tf.zeros_like(w) if h is None else tf.convert_to_tensor(h)
+                for w, h in zip(trainable, hv)
+            ]
+
+        def fn(trainable, non_trainable, x, y, v):
+            return hvp(list(trainable), list(non_trainable), x, y, list(v))
+
+        return fn
+
+    if backend == "torch":
+        import torch
+
+        def fn(trainable, non_trainable, x, y, v):
+            leaves = [w.detach().requires_grad_(True) for w in trainable]
+            with torch.enable_grad():
+                value = loss_at(leaves, list(non_trainable), x, y)
+                grads = torch.autograd.grad(
+                    value, leaves, create_graph=True, allow_unused=True
+                )
+                products = [
+                    (g * u).sum()
+                    for g, u in zip(grads, v)
+                    if g is not None and g.requires_grad
+                ]
+                if not products:  # the loss is linear in the weights
+                    return [torch.zeros_like(w) for w in leaves]
+                hv = torch.autograd.grad(
+                    sum(products), leaves, allow_unused=True
+                )
+            return [
+                torch.zeros_like(w) if h is None else h.detach()
+                for w, h in zip(leaves, hv)
+            ]
+
+        return fn
+
+    raise _unsupported_backend(backend)
 
 
 # --------------------------------------------------------------------------
@@ -308,15 +419,29 @@ def _scale(alpha, x):
     return [ops.multiply(ops.cast(alpha, ops.dtype(u)), u) for u in x]
 
 
+_METHODS = ("autodiff", "finite_difference")
+
+
 class _HessianVectorProduct:
     """`v -> H v` for the dataset loss at the model's current weights."""
 
     def __init__(
-        self, model, x, y, loss, batch_size, include_regularization, step
+        self, model, x, y, loss, batch_size, include_regularization, method, step
     ):
         _check_model(model)
         _check_int("batch_size", batch_size, 1)
+        if method not in _METHODS:
+            raise ValueError(
+                f"Argument `method` must be one of {_METHODS}. "
+                f"Received: method={method!r}"
+            )
         _check_positive("finite_difference_step", step, allow_none=True)
+        if step is not None and method != "finite_difference":
+            raise ValueError(
+                "Argument `finite_difference_step` only applies to "
+                "method='finite_difference'. Received: "
+                f"finite_difference_step={step!r}, method={method!r}"
+            )
         n = _num_examples("x", x)
         if y is None:
             raise ValueError("Argument `y` is required (the targets of `x`). Received: y=None")
@@ -326,21 +451,24 @@ class _HessianVectorProduct:
                 "Arguments `x` and `y` must have the same number of examples. "
                 f"Received: x with {n}, y with {n_y}"
             )
-        self.model = model
-        self.loss_fn = _resolve_loss(model, loss)
-        self.grad_fn = _cached_gradient_function(
-            model, self.loss_fn, include_regularization
-        )
+        self.method = method
+        loss_fn = _resolve_loss(model, loss)
+        kind = "hvp" if method == "autodiff" else "gradient"
+        self.fn = _cached_function(kind, model, loss_fn, include_regularization)
         # Snapshot of the weights: stop_gradient gives tensors detached from
         # the variables (torch), which the computation only reads.
-        self.weights = [ops.stop_gradient(ops.convert_to_tensor(v.value)) for v in model.trainable_variables]
-        self.non_trainable = [
-            ops.stop_gradient(ops.convert_to_tensor(v.value)) for v in model.non_trainable_variables
+        self.weights = [
+            ops.stop_gradient(ops.convert_to_tensor(v.value))
+            for v in model.trainable_variables
         ]
-        dtype = ops.dtype(self.weights[0])
-        if step is None:
-            step = 1e-6 if dtype == "float64" else 1e-3
-        self.h = step * max(_norm(self.weights), 1.0)
+        self.non_trainable = [
+            ops.stop_gradient(ops.convert_to_tensor(v.value))
+            for v in model.non_trainable_variables
+        ]
+        if method == "finite_difference":
+            if step is None:
+                step = 1e-6 if ops.dtype(self.weights[0]) == "float64" else 1e-3
+            self.h = step * max(_norm(self.weights), 1.0)
         self.batches = []
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
@@ -358,23 +486,36 @@ class _HessianVectorProduct:
     def dtypes(self):
         return [ops.dtype(w) for w in self.weights]
 
-    def _full_gradient(self, weights):
+    def _dataset_sum(self, fn, *args):
+        """`sum_b fraction_b * fn(weights_or_args, batch_b)`."""
         total = None
         for bx, by, fraction in self.batches:
-            grads = self.grad_fn(weights, self.non_trainable, bx, by)
-            grads = _scale(fraction, grads)
-            total = grads if total is None else [ops.add(t, g) for t, g in zip(total, grads)]
+            part = _scale(fraction, fn(bx, by, *args))
+            total = part if total is None else [ops.add(t, p) for t, p in zip(total, part)]
         return total
 
     def __call__(self, v):
+        if self.method == "autodiff":
+            return self._dataset_sum(
+                lambda bx, by: self.fn(self.weights, self.non_trainable, bx, by, v)
+            )
         norm = _norm(v)
         if norm == 0.0:
             return [ops.zeros_like(u) for u in v]
         u = _scale(1.0 / norm, v)
-        plus = self._full_gradient(_axpy(self.h, u, self.weights))
-        minus = self._full_gradient(_axpy(-self.h, u, self.weights))
+
+        def gradient_at(weights):
+            return self._dataset_sum(
+                lambda bx, by: self.fn(weights, self.non_trainable, bx, by)
+            )
+
+        plus = gradient_at(_axpy(self.h, u, self.weights))
+        minus = gradient_at(_axpy(-self.h, u, self.weights))
         factor = norm / (2.0 * self.h)
-        return [ops.multiply(ops.subtract(p, m), ops.cast(factor, ops.dtype(p))) for p, m in zip(plus, minus)]
+        return [
+            ops.multiply(ops.subtract(p, m), ops.cast(factor, ops.dtype(p)))
+            for p, m in zip(plus, minus)
+        ]
 
 
 def _to_tensors(arrays, dtypes):
@@ -391,6 +532,7 @@ def hessian_top_eigenvalue(
     batch_size=256,
     seed=None,
     include_regularization=False,
+    method="autodiff",
     finite_difference_step=None,
 ):
     """Top eigenvalue of the loss Hessian w.r.t. the trainable weights.
@@ -409,10 +551,10 @@ def hessian_top_eigenvalue(
     eigenvalue, the usual sharpness measure. Its convergence rate is
     `|lambda_2 / lambda_1|` per iteration.
 
-    Each Hessian-vector product is a central finite difference of two
-    full-dataset gradients, `H v ~= (grad L(w + h u) - grad L(w - h u)) /
-    (2h) ||v||` with `u = v / ||v||` and `h = finite_difference_step *
-    max(||w||, 1)`. The model's weights are read, never written.
+    Each Hessian-vector product is over the whole dataset, exact by
+    automatic differentiation (`method="autodiff"`) or a central finite
+    difference of two gradients (`method="finite_difference"`), see the
+    module docstring. The model's weights are read, never written.
 
     Args:
         model: a built `keras.Model` (a `keras_ssam.SAMModel` works too).
@@ -434,8 +576,12 @@ def hessian_top_eigenvalue(
             one.
         include_regularization: add the model's `losses` (weight and
             activity regularizers, `add_loss`) evaluated at the same weights.
-        finite_difference_step: relative finite-difference step, `> 0`;
-            `None` is 1e-3 for float32 weights and 1e-6 for float64.
+        method: `"autodiff"` (exact Hessian-vector products, default) or
+            `"finite_difference"` (central differences of gradients, for
+            models with an op that has no second derivative).
+        finite_difference_step: relative finite-difference step `> 0`, only
+            with `method="finite_difference"`; `None` is 1e-3 for float32
+            weights and 1e-6 for float64.
 
     Returns:
         The eigenvalue estimate, a Python float.
@@ -451,7 +597,8 @@ def hessian_top_eigenvalue(
     _check_positive("tol", tol, allow_zero=True)
     _check_seed(seed)
     hvp = _HessianVectorProduct(
-        model, x, y, loss, batch_size, include_regularization, finite_difference_step
+        model, x, y, loss, batch_size, include_regularization, method,
+        finite_difference_step,
     )
     rng = np.random.default_rng(seed)
     v = _to_tensors(
@@ -482,6 +629,7 @@ def hessian_trace(
     batch_size=256,
     seed=None,
     include_regularization=False,
+    method="autodiff",
     finite_difference_step=None,
 ):
     """Hessian trace of the loss w.r.t. the trainable weights (Hutchinson).
@@ -496,9 +644,9 @@ def hessian_trace(
     `2 (||H||_F^2 - sum_j H_jj^2) / m`: it is exact for a diagonal `H` and
     its error shrinks as `1 / sqrt(m)`.
 
-    Hessian-vector products are central finite differences of full-dataset
-    gradients, as in `hessian_top_eigenvalue`. The model's weights are read,
-    never written.
+    Hessian-vector products are over the whole dataset, by automatic
+    differentiation or finite differences (`method`), as in
+    `hessian_top_eigenvalue`. The model's weights are read, never written.
 
     Args:
         model: a built `keras.Model` (a `keras_ssam.SAMModel` works too).
@@ -509,8 +657,9 @@ def hessian_trace(
         batch_size: examples per forward-backward pass (memory only).
         seed: integer seed of the probes, or `None` for random ones.
         include_regularization: add the model's `losses` (regularizers).
-        finite_difference_step: relative finite-difference step, `> 0`;
-            `None` is 1e-3 for float32 weights and 1e-6 for float64.
+        method: `"autodiff"` (default) or `"finite_difference"`, as in
+            `hessian_top_eigenvalue`.
+        finite_difference_step: as in `hessian_top_eigenvalue`.
 
     Returns:
         The trace estimate, a Python float.
@@ -525,7 +674,8 @@ def hessian_trace(
     _check_int("num_samples", num_samples, 1)
     _check_seed(seed)
     hvp = _HessianVectorProduct(
-        model, x, y, loss, batch_size, include_regularization, finite_difference_step
+        model, x, y, loss, batch_size, include_regularization, method,
+        finite_difference_step,
     )
     rng = np.random.default_rng(seed)
     total = 0.0

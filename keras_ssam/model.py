@@ -1,5 +1,6 @@
 """`SAMModel`: a `keras.Model` whose `train_step` runs SAM's two passes."""
 
+import copy
 import importlib
 import numbers
 
@@ -338,7 +339,8 @@ class SAMModel(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
+        # Deserializing a model consumes its nested config: work on a copy.
+        config = copy.deepcopy(config)
         config["model"] = keras.saving.deserialize_keras_object(
             config["model"], custom_objects=custom_objects
         )

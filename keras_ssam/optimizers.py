@@ -178,7 +178,9 @@ class SAM(keras.optimizers.Optimizer):
         """rho at the current iteration (a float or a scalar tensor)."""
         if isinstance(self.rho, numbers.Real):
             return float(self.rho)
-        return ops.cast(self.rho(self.iterations), "float32")
+        # A float step, so callables like `lambda step: 0.1 * (step + 1)` work
+        # on TensorFlow too, where `iterations` is an int64 tensor.
+        return ops.cast(self.rho(ops.cast(self.iterations, "float32")), "float32")
 
     def perturbation(self, grads, weights, grad_scale=None):
         """The ascent step `e` for each weight, and `||T g||`.

@@ -27,6 +27,20 @@ def _replica_all_reduce():
     return context.num_replicas_in_sync, all_reduce
 
 
+def _check_divisible(data, splits):
+    """Batch sizes unknown when tracing (a partial last batch) are checked at
+    run time, before the split, with an error that names num_batch_splits."""
+    batch = tf.shape(next(t for t in tree.flatten(data) if t is not None))[0]
+    check = tf.debugging.Assert(
+        tf.equal(tf.math.floormod(batch, splits), 0),
+        [f"num_batch_splits={splits} does not divide the batch size", batch],
+    )
+    with tf.control_dependencies([check]):
+        return tree.map_structure(
+            lambda t: None if t is None else tf.identity(t), data
+        )
+
+
 def train_step(model, data):
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
     trainable = model.trainable_variables
@@ -62,6 +76,9 @@ def train_step(model, data):
             scaled = model.optimizer.scale_loss(loss)
         unscaled = loss_module.unscale_loss_for_distribution(loss)
         return unscaled, _dense(tape.gradient(scaled, values))
+
+    if model.num_batch_splits > 1:
+        x, y, sample_weight = _check_divisible((x, y, sample_weight), model.num_batch_splits)
 
     # Under tf.distribute this runs per replica, on gradients that are the
     # replica's share of the global one (losses carry 1 / replicas).
