@@ -110,8 +110,11 @@ RATIOS = (
 )
 MEMORY_TARGET_WEIGHTS = 2.0  # SAM step peak - plain step peak <= ~2x weight bytes
 
-FULL = {"reps": 5, "steps": 10, "batch_size": 128, "mlp_width": 1024, "mlp_depth": 2, "resnet_width": 16}
-SMOKE = {"reps": 1, "steps": 2, "batch_size": 8, "mlp_width": 32, "mlp_depth": 1, "resnet_width": 4}
+FULL = {"reps": 5, "steps": 10, "batch_size": 128, "mlp_width": 1024, "mlp_depth": 2,
+        "resnet_width": 16, "resnet_stages": 3}
+SMOKE = {"reps": 1, "steps": 2, "batch_size": 8, "mlp_width": 32, "mlp_depth": 1,
+         "resnet_width": 4, "resnet_stages": 1}
+SIZE_KEYS = ("mlp_width", "mlp_depth", "resnet_width", "resnet_stages")
 
 
 # ----------------------------------------------------------------------------
@@ -146,15 +149,6 @@ def reset_hwm():
         return False
 
 
-def summarize(samples):
-    return {
-        "median": statistics.median(samples),
-        "min": min(samples),
-        "max": max(samples),
-        "n": len(samples),
-    }
-
-
 # ----------------------------------------------------------------------------
 # Models and configurations (inside a child: keras is imported there).
 
@@ -176,7 +170,8 @@ def build_keras_model(name, sizes):
             return layers.BatchNormalization()(x)
 
         x = layers.ReLU()(conv_bn(inputs, width, 3))
-        for stage, filters in enumerate((width, 2 * width, 4 * width)):
+        for stage in range(sizes["resnet_stages"]):
+            filters = width * 2**stage
             strides = 1 if stage == 0 else 2
             y = layers.ReLU()(conv_bn(x, filters, 3, strides))
             y = conv_bn(y, filters, 3)
@@ -228,7 +223,8 @@ def build_torch_model(name, sizes):
             super().__init__()
             self.stem = conv_bn(INPUT_SHAPE[2], width, 3)
             blocks, cin = [], width
-            for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            for stage in range(sizes["resnet_stages"]):
+                cout = width * 2**stage
                 blocks.append(Block(cin, cout, 1 if stage == 0 else 2))
                 cin = cout
             self.blocks = nn.Sequential(*blocks)
@@ -263,7 +259,6 @@ class KerasConfig:
 
         self.name = name
         self.x, self.y, self.batch_size = x, y, batch_size
-        self.steps = len(x) // batch_size
         inner = keras.models.clone_model(template)
         inner.set_weights(template.get_weights())
         base = keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM)
@@ -295,7 +290,7 @@ class KerasConfig:
 
         # Instance attribute: make_train_function picks it up on first fit.
         model.train_step = counted_train_step
-        self.timer = _StepTimer()
+        self.timer = make_step_timer()
 
     def run_block(self, steps):
         self.timer.times = []
@@ -311,15 +306,38 @@ class KerasConfig:
         )
         return list(self.timer.times)
 
+    def _jitted_train_step(self):
+        """The `jax.jit` object inside Keras's JAX train function, or None."""
+        fn = getattr(self.model, "train_function", None)
+        cells = getattr(fn, "__closure__", None) or ()
+        return next((c.cell_contents for c in cells if hasattr(c.cell_contents, "lower")), None)
+
+    def jit_cache_size(self):
+        """Compiled entries in that jit's cache (a cross-check of the trace count)."""
+        jitted = self._jitted_train_step()
+        try:
+            return int(jitted._cache_size())
+        except Exception:  # noqa: BLE001 - private API, best effort
+            return None
+
+    def tf_tracing_counts(self):
+        """`experimental_get_tracing_count()` of the tf.functions inside Keras's
+        TensorFlow train function (a cross-check of the trace count)."""
+        fn = getattr(self.model, "train_function", None)
+        counts = {}
+        for name, cell in zip(getattr(fn, "__code__", None) and fn.__code__.co_freevars or (),
+                              getattr(fn, "__closure__", None) or ()):
+            try:
+                counts[name] = int(cell.cell_contents.experimental_get_tracing_count())
+            except Exception:  # noqa: BLE001 - not a tf.function
+                continue
+        return counts or None
+
     def xla_memory(self):
-        """XLA's compiled-memory analysis of the JAX train step, or None."""
+        """XLA's compiled-memory analysis of the JAX train step."""
         import jax
 
-        fn = self.model.train_function
-        jitted = next(
-            (c.cell_contents for c in (fn.__closure__ or ()) if hasattr(c.cell_contents, "lower")),
-            None,
-        )
+        jitted = self._jitted_train_step()
         if jitted is None:
             return {"error": "no jitted function found in model.train_function"}
         m = self.model
@@ -337,26 +355,24 @@ class KerasConfig:
         return _xla_stats(jitted.lower(state, data).compile())
 
 
-class _StepTimer:
-    """Keras callback: wall time of each training batch (see module doc)."""
+def make_step_timer():
+    """A Keras callback recording each training batch's wall time (see module doc)."""
+    import keras
 
-    def __new__(cls):
-        import keras
+    class StepTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times = []
+            self._t0 = None
 
-        class StepTimer(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.times = []
-                self._t0 = None
+        def on_train_batch_begin(self, batch, logs=None):
+            self._t0 = time.perf_counter()
 
-            def on_train_batch_begin(self, batch, logs=None):
-                self._t0 = time.perf_counter()
+        def on_train_batch_end(self, batch, logs=None):
+            # `logs` holds Python floats here: the step has finished.
+            self.times.append(time.perf_counter() - self._t0)
 
-            def on_train_batch_end(self, batch, logs=None):
-                # `logs` holds Python floats here: the step has finished.
-                self.times.append(time.perf_counter() - self._t0)
-
-        return StepTimer()
+    return StepTimer()
 
 
 def _xla_stats(compiled):
@@ -454,6 +470,12 @@ class JaxPeerConfig:
             float(loss)
             times.append(time.perf_counter() - t0)
         return times
+
+    def jit_cache_size(self):
+        try:
+            return int(self.step._cache_size())
+        except Exception:  # noqa: BLE001 - private API, best effort
+            return None
 
     def xla_memory(self):
         b = self.batch_size
@@ -615,6 +637,7 @@ def measure_memory(backend, config, steps, rss_before_fit, already_warm):
         "hwm_steady_mib": hwm,
         "step_peak_mib": (hwm - rss_reset) if ok and hwm is not None else None,
         "fit_persistent_mib": (rss_reset - rss_before_fit) if rss_before_fit is not None else None,
+        "total_peak_mib": (hwm - rss_before_fit) if ok and hwm is not None and rss_before_fit is not None else None,
         "device_peak_mib": device_memory_peak(backend),
     }
     if backend == "jax" and hasattr(config, "xla_memory"):
@@ -694,10 +717,9 @@ def child_timing(args):
         template = build_keras_model(model_name, sizes)
         params, nbytes = weight_info(template)
         x, y = make_data(sizes, args.steps, args.batch_size)
-        cfgs, first_epoch_s, rss_before = {}, {}, {}
+        cfgs, first_epoch_s = {}, {}
         for name in configs:
             cfg = make_config(backend, name, model_name, template, sizes, x, y, args.batch_size)
-            rss_before[name] = rss_mib()
             t0 = time.perf_counter()
             cfg.run_block(args.steps)  # warm-up: trace, compile, first epoch
             first_epoch_s[name] = time.perf_counter() - t0
@@ -735,12 +757,17 @@ def child_timing(args):
                     "end": cfg.traces,
                     "retraces_after_warmup": cfg.traces - traces_after_warmup[name],
                     "meaningful": traced,
+                    "jit_cache_entries": cfg.jit_cache_size() if backend == "jax" else None,
+                    "tf_function_tracing_count": cfg.tf_tracing_counts()
+                    if backend == "tensorflow" else None,
                 },
             }
         if args.memory == "inline":
+            # Every config's model is alive here: no meaningful persistent
+            # figure, only the steady-state step peak.
             for name, cfg in cfgs.items():
                 entry["configs"][name]["memory"] = dict(
-                    measure_memory(backend, cfg, args.steps, rss_before[name], already_warm=True),
+                    measure_memory(backend, cfg, args.steps, None, already_warm=True),
                     method="inline",
                 )
         result["models"][model_name] = entry
@@ -810,15 +837,16 @@ def _ratio(configs, num, den):
 def _memory_extra(entry, num="sam", den="plain"):
     cfgs = entry["configs"]
     out = {}
-    try:
-        a = cfgs[num]["memory"]["step_peak_mib"]
-        b = cfgs[den]["memory"]["step_peak_mib"]
-    except (KeyError, TypeError):
-        a = b = None
     wmib = entry["trainable_weight_bytes"] / 2**20
-    if a is not None and b is not None:
-        out["rss_step_peak_extra_mib"] = a - b
-        out["rss_step_peak_extra_weights"] = (a - b) / wmib if wmib else None
+    for key, label in (("step_peak_mib", "rss_step_peak"), ("total_peak_mib", "rss_total_peak")):
+        try:
+            a = cfgs[num]["memory"][key]
+            b = cfgs[den]["memory"][key]
+        except (KeyError, TypeError):
+            continue
+        if a is not None and b is not None:
+            out[f"{label}_extra_mib"] = a - b
+            out[f"{label}_extra_weights"] = (a - b) / wmib if wmib else None
     try:
         xa = cfgs[num]["memory"]["xla"]["peak_estimate_bytes"]
         xb = cfgs[den]["memory"]["xla"]["peak_estimate_bytes"]
@@ -844,6 +872,12 @@ def _fmt_mib(v):
     return "     -" if v is None else f"{v:6.1f}"
 
 
+def _verdict(extra_weights, meta):
+    if meta["mode"] == "smoke" or extra_weights is None:
+        return ""
+    return " ok" if extra_weights <= MEMORY_TARGET_WEIGHTS else " MISS"
+
+
 def report(results, meta):
     lines = []
     p = lines.append
@@ -864,7 +898,7 @@ def report(results, meta):
             p(f"-- {model_name}: {entry['trainable_params']:,} trainable parameters "
               f"({entry['trainable_weight_bytes'] / 2**20:.2f} MiB)")
             p(f"   {'config':<12} {'median ms':>9} {'rep min-max ms':>19} {'1st epoch s':>11} "
-              f"{'traces warm/end':>15} {'step peak MiB':>13} {'persist MiB':>11}")
+              f"{'traces warm/end':>15} {'step peak MiB':>13} {'persist MiB':>11} {'total MiB':>9}")
             for name, c in entry["configs"].items():
                 s = c["step_s"]
                 tr = c["traces"]
@@ -878,7 +912,7 @@ def report(results, meta):
                 p(f"   {name:<12} {_fmt_ms(s['median']):>9} "
                   f"{_fmt_ms(s['rep_median_min'])}-{_fmt_ms(s['rep_median_max']).strip():<9} "
                   f"{c['first_epoch_s']:11.2f} {trs:>15} {_fmt_mib(mem.get('step_peak_mib')):>13} "
-                  f"{_fmt_mib(mem.get('fit_persistent_mib')):>11}")
+                  f"{_fmt_mib(mem.get('fit_persistent_mib')):>11} {_fmt_mib(mem.get('total_peak_mib')):>9}")
     p("\nRatios of step time: median over repetitions [min-max]; targets in parentheses")
     header = f"{'backend':<11} {'model':<7}" + "".join(f" {label:>24}" for _, _, label, _ in RATIOS)
     p(header)
@@ -893,23 +927,28 @@ def report(results, meta):
                     row += f" {'-':>24}"
                     continue
                 cell = f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]"
-                if backend in targets:
+                if backend in targets and meta["mode"] != "smoke":
                     ok = "ok" if r["median"] <= targets[backend] else "MISS"
                     cell += f" {ok}<={targets[backend]:.2f}"
                 row += f" {cell:>24}"
             p(row)
-    p(f"\nMemory: SAM step peak minus plain step peak (target <= ~{MEMORY_TARGET_WEIGHTS:.0f}x weights)")
+    p(f"\nMemory of a SAM step minus a plain step, in MiB and in trainable-weight sizes "
+      f"(target <= ~{MEMORY_TARGET_WEIGHTS:.0f}x). RSS step peak: above the RSS between steps; "
+      "RSS total peak: above the RSS before fit (adds optimizer slots, kept gradients, compiled code); "
+      "XLA: the compiled step's buffers (exact).")
     for backend, res in results.items():
         if "error" in res:
             continue
         for model_name, entry in res["models"].items():
             m = entry.get("memory_sam_vs_plain") or {}
             parts = []
-            if "rss_step_peak_extra_mib" in m:
-                parts.append(f"RSS {m['rss_step_peak_extra_mib']:+.1f} MiB = "
-                             f"{m['rss_step_peak_extra_weights']:+.2f}x weights")
+            for label, name in (("rss_step_peak", "RSS step peak"), ("rss_total_peak", "RSS total peak")):
+                if f"{label}_extra_mib" in m:
+                    parts.append(f"{name} {m[f'{label}_extra_mib']:+.1f} MiB = "
+                                 f"{m[f'{label}_extra_weights']:+.2f}x" + _verdict(m[f'{label}_extra_weights'], meta))
             if "xla_peak_extra_mib" in m:
-                parts.append(f"XLA {m['xla_peak_extra_mib']:+.2f} MiB = {m['xla_peak_extra_weights']:+.2f}x weights")
+                parts.append(f"XLA {m['xla_peak_extra_mib']:+.2f} MiB = {m['xla_peak_extra_weights']:+.2f}x"
+                             + _verdict(m["xla_peak_extra_weights"], meta))
             if "device_peak_extra_weights" in m:
                 parts.append(f"device {m['device_peak_extra_weights']:+.2f}x weights")
             p(f"{backend:<11} {model_name:<7} " + ("; ".join(parts) if parts else "not measured"))
@@ -953,8 +992,8 @@ def plot(results, path, meta):
                 hi.append(r["max"] - r["median"])
             if xs:
                 ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=label, color=colors[i % len(colors)])
-                for xv, yv in zip(xs, ys):
-                    ax.text(xv, yv, f"{yv:.2f}", ha="center", va="bottom", fontsize=6, rotation=90)
+                for xv, yv, up in zip(xs, ys, hi):
+                    ax.text(xv, yv + up, f"{yv:.2f}", ha="center", va="bottom", fontsize=6, rotation=90)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.axhline(2.0, color="k", lw=0.8, ls=":")
         ax.set_xticks(range(len(backends)))
@@ -984,6 +1023,7 @@ def main(argv=None):
     parser.add_argument("--mlp-width", type=int, help=f"default {FULL['mlp_width']}")
     parser.add_argument("--mlp-depth", type=int, help=f"default {FULL['mlp_depth']}")
     parser.add_argument("--resnet-width", type=int, help=f"default {FULL['resnet_width']}")
+    parser.add_argument("--resnet-stages", type=int, help=f"default {FULL['resnet_stages']}")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--memory", choices=("fresh", "inline", "off"),
                         help="fresh child per config (default), inline (default with --smoke), or off")
@@ -1017,7 +1057,7 @@ def main(argv=None):
         parser.error("--batch-size must be even for ssam_split2 (num_batch_splits=2)")
     if args.reps < 1 or args.steps < 1:
         parser.error("--reps and --steps must be >= 1")
-    sizes = {k: getattr(args, k) for k in ("mlp_width", "mlp_depth", "resnet_width")}
+    sizes = {k: getattr(args, k) for k in SIZE_KEYS}
 
     meta = {
         "mode": "smoke" if args.smoke else "full",
@@ -1087,10 +1127,11 @@ def main(argv=None):
                 if backend in t and f"{num}/{den}" in entry["ratios"]
             }
             entry["memory_sam_vs_plain"] = _memory_extra(entry)
-            extra = entry["memory_sam_vs_plain"].get("rss_step_peak_extra_weights")
-            if extra is not None:
-                entry["targets"]["memory_sam_extra_weights"] = {
-                    "max": MEMORY_TARGET_WEIGHTS, "met": extra <= MEMORY_TARGET_WEIGHTS, "value": extra}
+            for label in ("rss_step_peak", "rss_total_peak", "xla_peak"):
+                extra = entry["memory_sam_vs_plain"].get(f"{label}_extra_weights")
+                if extra is not None:
+                    entry["targets"][f"memory_sam_extra_weights/{label}"] = {
+                        "max": MEMORY_TARGET_WEIGHTS, "met": extra <= MEMORY_TARGET_WEIGHTS, "value": extra}
         results[backend] = res
     meta["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     meta["wall_s"] = round(time.perf_counter() - t_start, 1)

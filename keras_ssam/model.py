@@ -1,6 +1,7 @@
 """`SAMModel`: a `keras.Model` whose `train_step` runs SAM's two passes."""
 
 import copy
+import functools
 import importlib
 import numbers
 
@@ -20,6 +21,7 @@ _STEP_MODULES = {
 }
 
 
+@functools.cache
 def _step_module():
     name = keras.backend.backend()
     if name not in _STEP_MODULES:

@@ -64,12 +64,17 @@ def _hutchinson_std(hessian, num_samples):
     return np.sqrt(variance / num_samples)
 
 
-def test_top_eigenvalue_least_squares():
+METHODS = pytest.mark.parametrize("method", ["autodiff", "finite_difference"])
+
+
+@METHODS
+def test_top_eigenvalue_least_squares(method):
     x, y, hessian = _least_squares()
     model = _linear_model()
     before = _weights(model)
     lam = flatness.hessian_top_eigenvalue(
-        model, x, y, loss=keras.losses.MeanSquaredError(), num_iterations=30, seed=0
+        model, x, y, loss=keras.losses.MeanSquaredError(), num_iterations=30,
+        seed=0, method=method,
     )
     expected = np.linalg.eigvalsh(hessian)[-1]
     assert expected == pytest.approx(5.0)
@@ -77,13 +82,14 @@ def test_top_eigenvalue_least_squares():
     _assert_identical(before, _weights(model))
 
 
-def test_trace_least_squares_within_hutchinson_error():
+@METHODS
+def test_trace_least_squares_within_hutchinson_error(method):
     x, y, hessian = _least_squares()
     model = _linear_model()
     before = _weights(model)
     num_samples = 100
     trace = flatness.hessian_trace(
-        model, x, y, loss="mse", num_samples=num_samples, seed=0
+        model, x, y, loss="mse", num_samples=num_samples, seed=0, method=method
     )
     expected = np.trace(hessian)
     std = _hutchinson_std(hessian, num_samples)
@@ -95,16 +101,20 @@ def test_trace_least_squares_within_hutchinson_error():
     _assert_identical(before, _weights(model))
 
 
-def test_trace_exact_for_diagonal_hessian():
+@METHODS
+def test_trace_exact_for_diagonal_hessian(method):
     # With X^T X diagonal, v^T H v = tr(H) for every Rademacher probe v.
     x, y, hessian = _least_squares(diagonal=True)
     assert np.allclose(hessian, np.diag(np.diag(hessian)), atol=1e-9)
     model = _linear_model()
-    trace = flatness.hessian_trace(model, x, y, loss="mse", num_samples=3, seed=5)
+    trace = flatness.hessian_trace(
+        model, x, y, loss="mse", num_samples=3, seed=5, method=method
+    )
     assert trace == pytest.approx(np.trace(hessian), rel=1e-3)
 
 
-def test_logistic_regression_top_eigenvalue():
+@METHODS
+def test_logistic_regression_top_eigenvalue(method):
     rng = np.random.default_rng(3)
     n, d = 64, 5
     x = rng.standard_normal((n, d)).astype("float32")
@@ -122,25 +132,28 @@ def test_logistic_regression_top_eigenvalue():
     assert eigenvalues[-2] / eigenvalues[-1] < 0.5
     lam = flatness.hessian_top_eigenvalue(
         model, x, y, loss=keras.losses.BinaryCrossentropy(), num_iterations=40,
-        tol=0, seed=1,
+        tol=0, seed=1, method=method,
     )
     assert lam == pytest.approx(eigenvalues[-1], rel=1e-3)
     trace = flatness.hessian_trace(
-        model, x, y, loss=keras.losses.BinaryCrossentropy(), num_samples=50, seed=1
+        model, x, y, loss=keras.losses.BinaryCrossentropy(), num_samples=50,
+        seed=1, method=method,
     )
     assert abs(trace - np.trace(hessian)) < 4 * _hutchinson_std(hessian, 50)
     _assert_identical(before, _weights(model))
 
 
-def test_batch_size_does_not_change_the_result():
+@METHODS
+def test_batch_size_does_not_change_the_result(method):
     x, y, hessian = _least_squares()
     model = _linear_model()
-    kwargs = dict(loss="mse", num_iterations=5, tol=0, seed=3)
+    kwargs = dict(loss="mse", num_iterations=5, tol=0, seed=3, method=method)
     full = flatness.hessian_top_eigenvalue(model, x, y, batch_size=N, **kwargs)
     ragged = flatness.hessian_top_eigenvalue(model, x, y, batch_size=7, **kwargs)
     assert ragged == pytest.approx(full, rel=1e-4)
-    full = flatness.hessian_trace(model, x, y, loss="mse", num_samples=3, seed=3, batch_size=N)
-    ragged = flatness.hessian_trace(model, x, y, loss="mse", num_samples=3, seed=3, batch_size=7)
+    kwargs = dict(loss="mse", num_samples=3, seed=3, method=method)
+    full = flatness.hessian_trace(model, x, y, batch_size=N, **kwargs)
+    ragged = flatness.hessian_trace(model, x, y, batch_size=7, **kwargs)
     assert ragged == pytest.approx(full, rel=1e-4)
 
 
@@ -175,11 +188,12 @@ def test_compiled_loss_and_sam_model():
     _assert_identical(before, _weights(wrapped))
 
 
-def test_regularization_adds_to_the_hessian():
+@METHODS
+def test_regularization_adds_to_the_hessian(method):
     x, y, hessian = _least_squares()
     l2 = 0.25  # l2 * ||W||^2 adds 2 * l2 * I
     model = _linear_model(kernel_regularizer=keras.regularizers.L2(l2))
-    kwargs = dict(loss="mse", num_iterations=30, seed=0)
+    kwargs = dict(loss="mse", num_iterations=30, seed=0, method=method)
     plain = flatness.hessian_top_eigenvalue(model, x, y, **kwargs)
     regularized = flatness.hessian_top_eigenvalue(
         model, x, y, include_regularization=True, **kwargs
@@ -188,13 +202,15 @@ def test_regularization_adds_to_the_hessian():
     assert plain == pytest.approx(expected, rel=1e-3)
     assert regularized == pytest.approx(expected + 2 * l2, rel=1e-3)
     trace = flatness.hessian_trace(
-        model, x, y, loss="mse", num_samples=100, seed=0, include_regularization=True
+        model, x, y, loss="mse", num_samples=100, seed=0,
+        include_regularization=True, method=method,
     )
     shift = 2 * l2 * hessian.shape[0]
     assert abs(trace - np.trace(hessian) - shift) < 4 * _hutchinson_std(hessian, 100)
 
 
-def test_state_untouched_with_batchnorm_and_dropout():
+@METHODS
+def test_state_untouched_with_batchnorm_and_dropout(method):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((50, 4)).astype("float32")
     y = rng.integers(0, 3, size=50)
@@ -208,24 +224,27 @@ def test_state_untouched_with_batchnorm_and_dropout():
         ]
     )
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
-    model.fit(x, y, epochs=1, verbose=0)  # moving statistics != initial ones
+    bn = model.layers[1]
+    bn.moving_mean.assign(rng.standard_normal(8).astype("float32"))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, 8).astype("float32"))
     before = _weights(model)
-    kwargs = dict(num_iterations=4, seed=0, batch_size=25)
+    kwargs = dict(num_iterations=4, seed=0, batch_size=25, method=method)
     a = flatness.hessian_top_eigenvalue(model, x, y, **kwargs)
     b = flatness.hessian_top_eigenvalue(model, x, y, **kwargs)
-    t = flatness.hessian_trace(model, x, y, num_samples=3, seed=0)
+    t = flatness.hessian_trace(model, x, y, num_samples=3, seed=0, method=method)
     assert np.isfinite(a) and np.isfinite(t)
     # training=False: no dropout noise, so the estimate is deterministic.
     assert a == pytest.approx(b, rel=1e-5)
     _assert_identical(before, _weights(model))
 
 
-def test_float64_model():
-    if keras.backend.backend() == "jax":
-        import jax
-
-        if not jax.config.jax_enable_x64:
-            pytest.skip("JAX computes in float32 unless JAX_ENABLE_X64 is set")
+@METHODS
+def test_float64_model(method):
+    one = keras.ops.ones((2, 2), dtype="float64")
+    if keras.ops.dtype(keras.ops.matmul(one, one)) != "float64":
+        # JAX without JAX_ENABLE_X64; Keras 3.15's torch ops.matmul, whose
+        # type promotion maps float64 to float32.
+        pytest.skip(f"float64 matmul computes in float32 on {keras.backend.backend()}")
     floatx = keras.config.floatx()
     keras.config.set_floatx("float64")  # the Input layer's dtype too
     keras.config.set_dtype_policy("float64")
@@ -236,7 +255,7 @@ def test_float64_model():
         # The finite-difference step defaults to 1e-6 (relative) for float64.
         lam = flatness.hessian_top_eigenvalue(
             model, x.astype("float64"), y.astype("float64"), loss="mse",
-            num_iterations=60, tol=0, seed=0,
+            num_iterations=60, tol=0, seed=0, method=method,
         )
     finally:
         keras.config.set_floatx(floatx)
@@ -253,6 +272,8 @@ def test_float64_model():
         (dict(seed=-3), "seed=-3"),
         (dict(seed="a"), "seed='a'"),
         (dict(finite_difference_step=0.0), "finite_difference_step=0.0"),
+        (dict(finite_difference_step=1e-3), "only applies to method='finite_difference'"),
+        (dict(method="exact"), "method='exact'"),
         (dict(loss="no_such_loss"), "loss='no_such_loss'"),
         (dict(loss=3), "loss=3"),
         (dict(loss={"a": "mse"}), "Only a single loss"),
@@ -282,3 +303,49 @@ def test_bad_arguments_trace_and_data():
     unbuilt = keras.Sequential([keras.layers.Dense(3)])
     with pytest.raises(ValueError, match="must be built"):
         flatness.hessian_trace(unbuilt, x, y, loss="mse")
+
+
+def test_model_is_freed_and_saves_after_use(tmp_path):
+    import gc
+    import weakref
+
+    x, y, _ = _least_squares()
+    model = _linear_model()
+    flatness.hessian_trace(model, x, y, loss="mse", num_samples=1, seed=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    _assert_identical(_weights(model), _weights(restored))
+    ref = weakref.ref(model)
+    del model, restored
+    gc.collect()
+    assert ref() is None
+
+
+def test_autodiff_and_finite_differences_agree_on_a_smooth_network():
+    # No closed form: a tanh MLP with softmax cross-entropy, smooth
+    # everywhere, where both ways of computing H v estimate the same
+    # Hessian (the finite differences up to O(h^2) and float32 rounding).
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 5)).astype("float32")
+    y = rng.integers(0, 3, size=64)
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model.compile(loss="sparse_categorical_crossentropy")
+    kwargs = dict(num_iterations=30, tol=0, seed=0)
+    exact = flatness.hessian_top_eigenvalue(model, x, y, **kwargs)
+    approx = flatness.hessian_top_eigenvalue(
+        model, x, y, method="finite_difference", **kwargs
+    )
+    assert exact > 0
+    assert approx == pytest.approx(exact, rel=1e-2)
+    exact = flatness.hessian_trace(model, x, y, num_samples=10, seed=0)
+    approx = flatness.hessian_trace(
+        model, x, y, num_samples=10, seed=0, method="finite_difference"
+    )
+    assert approx == pytest.approx(exact, rel=2e-2)
