@@ -61,3 +61,16 @@ def test_distributed_example_on_simulated_devices():
         pytest.skip("Keras's torch backend has no data-parallel fit")
     stdout = run_example("distributed_training.py", "--cpu-devices", "2", "--epochs", "1")
     assert "scope=global" in stdout
+
+
+def test_benchmark_smoke_mode(tmp_path):
+    """The benchmark's CI mode: it runs and writes its table, JSON and chart
+    (the numbers are not checked: no timing assertions in tests)."""
+    out = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(EXAMPLES), "benchmarks", "bench.py"),
+         "--smoke", "--backends", BACKEND, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for name in ("bench.json", "bench.txt", "bench.png"):
+        assert (tmp_path / name).stat().st_size > 0
