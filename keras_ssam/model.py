@@ -271,6 +271,7 @@ class SAMModel(keras.Model):
             grads if reduce is None else reduce(grads), weights, grad_scale
         )
         perturbed = [w if e is None else w + e for w, e in zip(weights, perturbations)]
+        del perturbations  # eager backends: free e before the perturbed pass
         perturbed_loss, perturbed_grads = gradient_at(perturbed)
         norm_grads = None
         if reduce is not None and (sam.stable or self.diagnostics):
