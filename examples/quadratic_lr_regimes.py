@@ -76,10 +76,10 @@ import keras
 from keras import ops
 
 import keras_ssam
+from toy_objectives import METHODS, make_optimizer, value_loss
 
 EIGENVALUES = (2.0, 1.0, 0.5)
 RHO = 0.5
-METHODS = ("SGD", "SAM", "USAM", "SSAM", "SSAM-norm")
 LABELS = {
     "SGD": "SGD (GD)",
     "SAM": "SAM  e = rho g/||g||",
@@ -158,26 +158,6 @@ class Quadratic(keras.layers.Layer):
         f = 0.5 * ops.sum(lam * ops.square(self.w))
         return ops.ones_like(x) * f
 
-
-def value_loss(y_true, y_pred):
-    """The model's output is the objective: minimize it."""
-    del y_true
-    return y_pred
-
-
-def make_optimizer(method, lr, rho):
-    base = keras.optimizers.SGD(learning_rate=lr)
-    if method == "SGD":
-        return base
-    if method == "SAM":
-        return keras_ssam.SAM(base, rho=rho)
-    if method == "USAM":
-        return keras_ssam.USAM(base, rho=rho)
-    if method == "SSAM":
-        return keras_ssam.SSAM(base, rho=rho)
-    if method == "SSAM-norm":
-        return keras_ssam.SSAM(base, rho=rho, normalize=True)
-    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
 class QuadraticProblem:

@@ -67,11 +67,11 @@ import keras
 from keras import ops
 
 import keras_ssam
+from toy_objectives import METHODS, make_optimizer, value_loss
 
 X0, Y0 = 1.0, 1e-3
 THRESHOLD = 1.0
 LR = 0.2
-METHODS = ("SGD", "SAM", "USAM", "SSAM", "SSAM-norm")
 LABELS = {
     "SGD": "SGD (GD)",
     "SAM": "SAM  e = rho g/||g||",
@@ -122,26 +122,6 @@ class Saddle(keras.layers.Layer):
         f = 0.5 * (ops.square(self.w[0]) - ops.square(self.w[1]))
         return ops.ones_like(x) * f
 
-
-def value_loss(y_true, y_pred):
-    """The model's output is the objective: minimize it."""
-    del y_true
-    return y_pred
-
-
-def make_optimizer(method, lr, rho):
-    base = keras.optimizers.SGD(learning_rate=lr)
-    if method == "SGD":
-        return base
-    if method == "SAM":
-        return keras_ssam.SAM(base, rho=rho)
-    if method == "USAM":
-        return keras_ssam.USAM(base, rho=rho)
-    if method == "SSAM":
-        return keras_ssam.SSAM(base, rho=rho)
-    if method == "SSAM-norm":
-        return keras_ssam.SSAM(base, rho=rho, normalize=True)
-    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
 class RecordAndStop(keras.callbacks.Callback):
