@@ -50,6 +50,8 @@ import numpy as np
 from keras import ops
 from keras import tree
 
+from keras_ssam._validation import check_int, check_number
+
 __all__ = ["hessian_top_eigenvalue", "hessian_trace"]
 
 
@@ -57,34 +59,8 @@ __all__ = ["hessian_top_eigenvalue", "hessian_trace"]
 # Argument checks.
 
 
-def _check_int(name, value, minimum):
-    if (
-        not isinstance(value, numbers.Integral)
-        or isinstance(value, bool)
-        or value < minimum
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value!r}"
-        )
-
-
 def _check_positive(name, value, allow_zero=False, allow_none=False):
-    if value is None and allow_none:
-        return
-    ok = (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value >= 0 if allow_zero else value > 0)
-    )
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        extra = " or None" if allow_none else ""
-        raise ValueError(
-            f"Argument `{name}` must be a finite number {bound}{extra}. "
-            f"Received: {name}={value!r}"
-        )
+    check_number(name, value, minimum=0, allow_equal=allow_zero, allow_none=allow_none)
 
 
 def _check_seed(seed):
@@ -429,7 +405,7 @@ class _HessianVectorProduct:
         self, model, x, y, loss, batch_size, include_regularization, method, step
     ):
         _check_model(model)
-        _check_int("batch_size", batch_size, 1)
+        check_int("batch_size", batch_size, 1)
         if method not in _METHODS:
             raise ValueError(
                 f"Argument `method` must be one of {_METHODS}. "
@@ -593,7 +569,7 @@ def hessian_top_eigenvalue(
         model, x_train[:1000], y_train[:1000], seed=0)
     ```
     """
-    _check_int("num_iterations", num_iterations, 1)
+    check_int("num_iterations", num_iterations, 1)
     _check_positive("tol", tol, allow_zero=True)
     _check_seed(seed)
     hvp = _HessianVectorProduct(
@@ -671,7 +647,7 @@ def hessian_trace(
         model, x_train[:1000], y_train[:1000], num_samples=50, seed=0)
     ```
     """
-    _check_int("num_samples", num_samples, 1)
+    check_int("num_samples", num_samples, 1)
     _check_seed(seed)
     hvp = _HessianVectorProduct(
         model, x, y, loss, batch_size, include_regularization, method,

@@ -3,12 +3,12 @@
 import copy
 import functools
 import importlib
-import numbers
 
 import keras
 from keras import ops
 from keras import tree
 
+from keras_ssam._validation import check_int
 from keras_ssam.optimizers import find_sam_optimizer
 
 PERTURBATION_SCOPES = ("global", "local")
@@ -109,15 +109,7 @@ class SAMModel(keras.Model):
             raise ValueError(
                 f"Argument `diagnostics` must be a bool. Received: diagnostics={diagnostics!r}"
             )
-        if (
-            not isinstance(num_batch_splits, numbers.Integral)
-            or isinstance(num_batch_splits, bool)
-            or num_batch_splits < 1
-        ):
-            raise ValueError(
-                "Argument `num_batch_splits` must be an integer >= 1. "
-                f"Received: num_batch_splits={num_batch_splits!r}"
-            )
+        check_int("num_batch_splits", num_batch_splits, 1)
         if perturbation_scope not in PERTURBATION_SCOPES:
             raise ValueError(
                 f"Argument `perturbation_scope` must be one of {PERTURBATION_SCOPES}. "

@@ -8,37 +8,19 @@ forward-backward passes are run by `keras_ssam.SAMModel`.
 """
 
 import contextlib
-import math
 import numbers
 
 import keras
 from keras import ops
 
 from keras_ssam import sam_math
+from keras_ssam._validation import check_number
 
 _SAM_MODEL_HINT = (
     "SAM optimizers need the gradient at a perturbed point, which only "
     "keras_ssam.SAMModel computes: wrap your model, "
     "`keras_ssam.SAMModel(model)`, and compile that."
 )
-
-
-def _check_number(name, value, *, minimum, allow_equal=True, allow_none=False):
-    if value is None and allow_none:
-        return
-    ok = (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value >= minimum if allow_equal else value > minimum)
-    )
-    if not ok:
-        bound = f">= {minimum}" if allow_equal else f"> {minimum}"
-        extra = " or None" if allow_none else ""
-        raise ValueError(
-            f"Argument `{name}` must be a finite number {bound}{extra}. "
-            f"Received: {name}={value!r}"
-        )
 
 
 def _is_rho_schedule(rho):
@@ -131,10 +113,10 @@ class SAM(keras.optimizers.Optimizer):
                 f"Received: base_optimizer={base_optimizer!r}"
             )
         if not _is_rho_schedule(rho):
-            _check_number("rho", rho, minimum=0.0)
-        _check_number("eta", eta, minimum=0.0)
-        _check_number("epsilon", epsilon, minimum=0.0)
-        _check_number(
+            check_number("rho", rho, minimum=0.0)
+        check_number("eta", eta, minimum=0.0)
+        check_number("epsilon", epsilon, minimum=0.0)
+        check_number(
             "max_scale", max_scale, minimum=0.0, allow_equal=False, allow_none=True
         )
         if eta and not adaptive:
