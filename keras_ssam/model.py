@@ -8,6 +8,7 @@ import keras
 from keras import ops
 from keras import tree
 
+from keras_ssam import _kernels
 from keras_ssam._validation import check_int
 from keras_ssam.optimizers import find_sam_optimizer
 
@@ -259,18 +260,26 @@ class SAMModel(keras.Model):
         # With `reduce` (global scope over replicas) e and gamma come from the
         # all-reduced gradients, while the update stays this replica's share:
         # the optimizer all-reduces it, once.
+        # The step owns both gradients: torch computes e and SSAM's rescaled
+        # update in their memory (the clean gradient is not needed after e).
         perturbations, grad_norm = sam.perturbation(
-            grads if reduce is None else reduce(grads), weights, grad_scale
+            grads if reduce is None else reduce(grads), weights, grad_scale,
+            overwrite_grads=True,
         )
-        perturbed = [w if e is None else w + e for w, e in zip(weights, perturbations)]
-        del perturbations  # eager backends: free e before the perturbed pass
+        del grads
+        # On torch w + e overwrites e, itself in the clean gradient's memory.
+        perturbed = _kernels.add_(perturbations, weights)
+        del perturbations
         perturbed_loss, perturbed_grads = gradient_at(perturbed)
+        if not sam.adaptive:
+            perturbed = None  # only T(w + e) reads it: free it before the update
         norm_grads = None
         if reduce is not None and (sam.stable or self.diagnostics):
             norm_grads = reduce(perturbed_grads)
         update, stats = sam.update_gradients(
-            grads, perturbed_grads, perturbed, grad_norm, grad_scale,
+            None, perturbed_grads, perturbed, grad_norm, grad_scale,
             need_stats=self.diagnostics, norm_perturbed_grads=norm_grads,
+            overwrite_grads=True,
         )
         if self.diagnostics:
             stats["grad_norm"] = grad_norm

@@ -164,13 +164,15 @@ class SAM(keras.optimizers.Optimizer):
         # on TensorFlow too, where `iterations` is an int64 tensor.
         return ops.cast(self.rho(ops.cast(self.iterations, "float32")), "float32")
 
-    def perturbation(self, grads, weights, grad_scale=None):
+    def perturbation(self, grads, weights, grad_scale=None, overwrite_grads=False):
         """The ascent step `e` for each weight, and `||T g||`.
 
         Args:
             grads: gradients at `weights` (of the loss times `grad_scale`).
             weights: the current weight values.
             grad_scale: loss-scale factor the gradients carry, or `None`.
+            overwrite_grads: the caller gives `grads` up: on torch `e` is
+                computed in their memory.
 
         Returns:
             `(perturbations, grad_norm)`.
@@ -184,6 +186,7 @@ class SAM(keras.optimizers.Optimizer):
             eta=self.eta,
             epsilon=self.epsilon,
             grad_scale=grad_scale,
+            overwrite_grads=overwrite_grads,
         )
 
     def update_gradients(
@@ -195,6 +198,7 @@ class SAM(keras.optimizers.Optimizer):
         grad_scale=None,
         need_stats=False,
         norm_perturbed_grads=None,
+        overwrite_grads=False,
     ):
         """The gradient handed to the base optimizer, and diagnostics.
 
@@ -202,7 +206,7 @@ class SAM(keras.optimizers.Optimizer):
             grads: the clean gradients (the update depends on them only
                 through `grad_norm`).
             perturbed_grads: gradients at `perturbed_weights` = w + e.
-            perturbed_weights: w + e.
+            perturbed_weights: w + e (only adaptive SAM reads them).
             grad_norm: `||T g||` as returned by `perturbation`.
             grad_scale: loss-scale factor the gradients carry, or `None`.
             need_stats: also compute the perturbed norm when not `stable`.
@@ -210,6 +214,8 @@ class SAM(keras.optimizers.Optimizer):
                 they differ from the ones it scales (under tf.distribute, the
                 all-reduced perturbed gradient, while each replica hands its
                 own share to the optimizer, which all-reduces it).
+            overwrite_grads: the caller gives `perturbed_grads` up: on torch
+                SSAM rescales them in place.
 
         Returns:
             `(update_grads, stats)` where `stats` holds `perturbed_grad_norm`
@@ -238,7 +244,7 @@ class SAM(keras.optimizers.Optimizer):
             max_scale=self.max_scale,
         )
         stats["renorm_factor"] = gamma
-        return sam_math.scale_gradients(perturbed_grads, gamma), stats
+        return sam_math.scale_gradients(perturbed_grads, gamma, overwrite=overwrite_grads), stats
 
     @contextlib.contextmanager
     def sam_step(self):

@@ -17,6 +17,8 @@ References:
 
 from keras import ops
 
+from keras_ssam import _kernels
+
 
 def _norm_dtype(tensors):
     for t in tensors:
@@ -31,7 +33,7 @@ def global_norm(tensors):
     if not present:
         return ops.zeros((), "float32")
     dtype = _norm_dtype(present)
-    squares = [ops.sum(ops.square(ops.cast(t, dtype))) for t in present]
+    squares = [_kernels.squared_norm(ops.cast(t, dtype)) for t in present]
     return ops.sqrt(ops.sum(ops.stack(squares)))
 
 
@@ -50,7 +52,9 @@ def adaptive_scale(weights, eta):
     return [ops.abs(w) + eta for w in weights]
 
 
-def _scale_list(tensors, factor):
+def _scale_list(tensors, factor, overwrite=False):
+    if overwrite:
+        return _kernels.scale_(tensors, factor)
     return [
         None if t is None else t * ops.cast(factor, ops.dtype(t))
         for t in tensors
@@ -67,6 +71,7 @@ def sam_perturbation(
     eta=0.0,
     epsilon=1e-12,
     grad_scale=None,
+    overwrite_grads=False,
 ):
     """The ascent step `e` of SAM, USAM and ASAM.
 
@@ -82,6 +87,8 @@ def sam_perturbation(
         rho: the perturbation radius, a scalar.
         normalize, adaptive, eta, epsilon: as in `keras_ssam.SAM`.
         grad_scale: the factor the loss was multiplied by, or `None`.
+        overwrite_grads: the caller gives `grads` up; `e` may be computed in
+            their memory (torch does, saving one copy of the gradients).
 
     Returns:
         `(e, grad_norm)`: the perturbation per weight (`None` where the
@@ -93,9 +100,11 @@ def sam_perturbation(
             None if g is None else g * ops.cast(t, ops.dtype(g))
             for g, t in zip(grads, t_weights)
         ]
+        owned = True  # T g is a new tensor
     else:
         t_weights = None
         t_grads = list(grads)
+        owned = overwrite_grads
     grad_norm = global_norm(t_grads)
     inv_scale = 1.0 if grad_scale is None else 1.0 / ops.cast(grad_scale, ops.dtype(grad_norm))
     grad_norm = grad_norm * inv_scale
@@ -110,7 +119,7 @@ def sam_perturbation(
             None if g is None else g * ops.cast(t, ops.dtype(g))
             for g, t in zip(t_grads, t_weights)
         ]
-    return _scale_list(t_grads, factor), grad_norm
+    return _scale_list(t_grads, factor, overwrite=owned), grad_norm
 
 
 def perturbed_grad_norm(perturbed_grads, perturbed_weights, *, adaptive=False, eta=0.0, grad_scale=None):
@@ -140,6 +149,9 @@ def renormalization_factor(grad_norm, perturbed_norm, *, epsilon=1e-12, max_scal
     return gamma
 
 
-def scale_gradients(grads, factor):
-    """`factor * g` for each gradient that is not `None`."""
-    return _scale_list(grads, factor)
+def scale_gradients(grads, factor, overwrite=False):
+    """`factor * g` for each gradient that is not `None`.
+
+    With `overwrite`, the caller gives `grads` up and torch scales in place.
+    """
+    return _scale_list(grads, factor, overwrite=overwrite)

@@ -1,0 +1,101 @@
+"""Kernels for the SAM step's memory-bound loops over all the weights.
+
+A SAM step reads every gradient once more per norm and once more per scaling.
+On a model whose step is bound by memory traffic (a wide MLP on CPU) those
+passes are what separates SSAM from SAM, so each is spelled here as the
+fewest full-size passes the backend allows. The formulas stay in
+`sam_math`; results match the plain `keras.ops` forms to float32 rounding
+(tests compare both against float64 NumPy).
+
+- `squared_norm`: `sum(square(t))` in `keras.ops` writes `square(t)` out at
+  full size first. Row norms don't (the reduction runs over short rows, which
+  also keeps float32 sums accurate); TensorFlow without XLA has the one-pass
+  kernel `tf.nn.l2_loss`.
+- `scale_`, `add_`: torch works in place with multi-tensor kernels
+  (`torch._foreach_mul_`, `torch._foreach_add_`, as Keras's own torch
+  optimizers do), neither allocating nor page-faulting another copy of the
+  weights' size: e is computed in the clean gradient's memory and w + e in
+  e's, so a SAM step holds one weight-sized tensor more than a plain one.
+"""
+
+import keras
+from keras import ops
+
+
+def squared_norm(t):
+    """`sum(t**2)` of a float tensor, accumulated in its own dtype."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return 2.0 * tf.nn.l2_loss(t)
+    if len(t.shape) == 0:
+        return ops.square(t)
+    if 0 in t.shape:
+        return ops.zeros((), ops.dtype(t))
+    rows = ops.reshape(t, (-1, t.shape[-1]))
+    return ops.sum(ops.square(ops.norm(rows, axis=-1)))
+
+
+def _torch_groups(tensors, others=None):
+    """Tensors safe to overwrite (with their partners), grouped by dtype.
+
+    autograd may hand out gradients that alias: an expanded (stride 0) tensor
+    or one storage for two weights. Those are left out; callers compute them
+    out of place.
+    """
+    groups, seen = {}, set()
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        storage = t.untyped_storage().data_ptr()
+        expanded = any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+        if storage in seen or expanded:
+            continue
+        seen.add(storage)
+        group = groups.setdefault(t.dtype, ([], [], []))
+        group[0].append(i)
+        group[1].append(t)
+        if others is not None:
+            group[2].append(others[i])
+    return groups
+
+
+def scale_(tensors, factor):
+    """`[factor * t for t in tensors]`, overwriting `tensors` where it can.
+
+    The caller gives the tensors up: on torch they hold the result where
+    that is safe; elsewhere the result is new. `None` stays `None`.
+    """
+    if keras.backend.backend() != "torch":
+        return [None if t is None else t * ops.cast(factor, ops.dtype(t)) for t in tensors]
+    import torch
+
+    groups = _torch_groups(tensors)
+    in_place = {i for indices, _, _ in groups.values() for i in indices}
+    # Out of place first: an aliasing tensor must read the value before it
+    # is overwritten.
+    result = [
+        t if t is None or i in in_place else t * ops.cast(factor, t.dtype)
+        for i, t in enumerate(tensors)
+    ]
+    for dtype, (_, group, _) in groups.items():
+        torch._foreach_mul_(group, ops.cast(factor, dtype))
+    return result
+
+
+def add_(tensors, others):
+    """`[t + o for t, o in zip(tensors, others)]`, overwriting `tensors`
+    where it can (as `scale_`); where `t` is `None` the result is `o`."""
+    if keras.backend.backend() != "torch":
+        return [o if t is None else t + o for t, o in zip(tensors, others)]
+    import torch
+
+    groups = _torch_groups(tensors, others)
+    in_place = {i for indices, _, _ in groups.values() for i in indices}
+    result = [
+        o if t is None else t if i in in_place else t + o
+        for i, (t, o) in enumerate(zip(tensors, others))
+    ]
+    for _, group, partners in groups.values():
+        torch._foreach_add_(group, partners)
+    return result
