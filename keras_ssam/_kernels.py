@@ -7,10 +7,10 @@ fewest full-size passes the backend allows. The formulas stay in
 `sam_math`; results match the plain `keras.ops` forms to float32 rounding
 (tests compare both against float64 NumPy).
 
-- `squared_norm`: `sum(square(t))` in `keras.ops` writes `square(t)` out at
-  full size first. Row norms don't (the reduction runs over short rows, which
-  also keeps float32 sums accurate); TensorFlow without XLA has the one-pass
-  kernel `tf.nn.l2_loss`.
+- `sum_of_squares`: `sum(square(t))` in `keras.ops` writes `square(t)` out at
+  full size first (without XLA). Row norms don't (the reduction runs over
+  short rows, which also keeps float32 sums accurate); TensorFlow has the
+  one-pass kernel `tf.nn.l2_loss`.
 - `scale_`, `add_`: torch works in place with multi-tensor kernels
   (`torch._foreach_mul_`, `torch._foreach_add_`, as Keras's own torch
   optimizers do), neither allocating nor page-faulting another copy of the
@@ -22,18 +22,24 @@ import keras
 from keras import ops
 
 
-def squared_norm(t):
-    """`sum(t**2)` of a float tensor, accumulated in its own dtype."""
-    if keras.backend.backend() == "tensorflow":
+def sum_of_squares(tensors):
+    """`sum_i sum(t_i**2)` over float tensors of one dtype, in that dtype."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
         import tensorflow as tf
 
-        return 2.0 * tf.nn.l2_loss(t)
-    if len(t.shape) == 0:
-        return ops.square(t)
-    if 0 in t.shape:
-        return ops.zeros((), ops.dtype(t))
-    rows = ops.reshape(t, (-1, t.shape[-1]))
-    return ops.sum(ops.square(ops.norm(rows, axis=-1)))
+        return 2.0 * tf.add_n([tf.nn.l2_loss(t) for t in tensors])
+    tensors = [t for t in tensors if 0 not in t.shape]
+    if not tensors:
+        return ops.zeros((), "float32")
+    if backend == "torch":
+        import torch
+
+        # Straight to torch: keras.ops' per-call overhead is most of the cost.
+        rows = [torch.linalg.vector_norm(t.reshape(-1, t.shape[-1] if t.dim() else 1), dim=-1) for t in tensors]
+        return torch.sum(torch.square(torch.cat(rows)))
+    rows = [ops.norm(ops.reshape(t, (-1, t.shape[-1] if len(t.shape) else 1)), axis=-1) for t in tensors]
+    return ops.sum(ops.square(ops.concatenate(rows)))
 
 
 def _torch_groups(tensors, others=None):

@@ -33,8 +33,7 @@ def global_norm(tensors):
     if not present:
         return ops.zeros((), "float32")
     dtype = _norm_dtype(present)
-    squares = [_kernels.squared_norm(ops.cast(t, dtype)) for t in present]
-    return ops.sqrt(ops.sum(ops.stack(squares)))
+    return ops.sqrt(_kernels.sum_of_squares([ops.cast(t, dtype) for t in present]))
 
 
 def safe_divide(numerator, denominator, default):

@@ -34,7 +34,7 @@ def test_global_norm_matches_float64(dtype="float32", rtol=1e-6):
     np.testing.assert_allclose(_np(got), expected, rtol=rtol)
     for v in values:
         np.testing.assert_allclose(
-            _np(_kernels.squared_norm(ops.convert_to_tensor(v))),
+            _np(_kernels.sum_of_squares([ops.convert_to_tensor(v)])),
             np.sum(v.astype(np.float64) ** 2),
             rtol=rtol,
             atol=0,
