@@ -74,3 +74,20 @@ def test_benchmark_smoke_mode(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for name in ("bench.json", "bench.txt", "bench.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+PROFILES = {"jax": ["xla_cost.py"], "torch": ["profile_torch.py", "--steps", "2"]}
+
+
+def test_profile_script_of_this_backend():
+    """The profile behind the README's explanation of the step cost runs."""
+    if BACKEND not in PROFILES:
+        pytest.skip("TensorFlow's step has no profile script (the timing table covers it)")
+    script, *args = PROFILES[BACKEND]
+    out = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(EXAMPLES), "benchmarks", script), *args],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for name in ("plain", "sam", "ssam"):
+        assert name in out.stdout

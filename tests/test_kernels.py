@@ -12,7 +12,7 @@ import pytest
 from keras import ops
 
 from keras_ssam import SAM, SSAM, SAMModel, _kernels, sam_math
-from tests.conftest import BACKEND
+from conftest import BACKEND
 
 
 def _np(t):
