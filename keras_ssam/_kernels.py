@@ -36,9 +36,13 @@ def sum_of_squares(tensors):
         import torch
 
         # Straight to torch: keras.ops' per-call overhead is most of the cost.
-        rows = [torch.linalg.vector_norm(t.reshape(-1, t.shape[-1] if t.dim() else 1), dim=-1) for t in tensors]
+        # Norms along the last axis never copy, whatever the strides.
+        rows = [torch.linalg.vector_norm(t, dim=-1).reshape(-1) if t.dim() else t.abs().reshape(1) for t in tensors]
         return torch.sum(torch.square(torch.cat(rows)))
-    rows = [ops.norm(ops.reshape(t, (-1, t.shape[-1] if len(t.shape) else 1)), axis=-1) for t in tensors]
+    rows = [
+        ops.reshape(ops.norm(t, axis=-1) if len(t.shape) else ops.abs(t), (-1,))
+        for t in tensors
+    ]
     return ops.sum(ops.square(ops.concatenate(rows)))
 
 

@@ -203,8 +203,8 @@ class SAM(keras.optimizers.Optimizer):
         """The gradient handed to the base optimizer, and diagnostics.
 
         Args:
-            grads: the clean gradients (the update depends on them only
-                through `grad_norm`).
+            grads: the clean gradients, or `None` (unused: the update
+                depends on them only through `grad_norm`).
             perturbed_grads: gradients at `perturbed_weights` = w + e.
             perturbed_weights: w + e (only adaptive SAM reads them).
             grad_norm: `||T g||` as returned by `perturbation`.

@@ -141,3 +141,14 @@ def test_aliasing_gradients_end_to_end(sam_class):
     )
     for got, want in zip(inner.get_weights(), expected):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_sum_of_squares_of_strided_tensors():
+    """Transposed and sliced views (as autograd may return) sum like copies."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((6, 8, 5)).astype("float32")
+    t = ops.convert_to_tensor(base)
+    views = [ops.transpose(t, (2, 0, 1)), t[:, ::2, :], ops.transpose(t[0])]
+    expected = sum(np.sum(np.asarray(v, np.float64) ** 2) for v in
+                   [base.transpose(2, 0, 1), base[:, ::2, :], base[0].T])
+    np.testing.assert_allclose(_np(_kernels.sum_of_squares(views)), expected, rtol=1e-6)
