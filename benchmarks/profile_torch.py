@@ -18,21 +18,15 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import keras_ssam  # noqa: E402
+from bench import FULL, build_keras_model  # noqa: E402  (same folder)
 
 BATCH = 128
 
 
 def mlp():
+    """The benchmark's MLP (bench.py, full size): 4.2 M parameters."""
     keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((32, 32, 3)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(1024, activation="relu"),
-            keras.layers.Dense(1024, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
+    return build_keras_model("mlp", FULL)
 
 
 def per_step_ms(model, optimizer, x, y, steps):
