@@ -47,37 +47,14 @@ import time
 
 import keras
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import keras_ssam
 from keras_ssam import flatness
+from quickstart import build_cnn, load_data  # same data split and network as the quick start
 
-SPLIT_SEED = 0
 METHODS = ("SGD", "SAM", "USAM", "SSAM")
 FAILED_LOSS = 2.0
 COLORS = {"SGD": "C0", "SAM": "C1", "USAM": "C2", "SSAM": "C3"}
-
-
-def load_data():
-    digits = load_digits()
-    x = (digits.images / 16.0).astype("float32")[..., None]  # (n, 8, 8, 1)
-    return train_test_split(
-        x, digits.target, test_size=0.25, random_state=SPLIT_SEED, stratify=digits.target
-    )
-
-
-def build_cnn():
-    return keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
 
 
 def make_model(method, lr, args):
