@@ -70,6 +70,11 @@ def _torch_groups(tensors, others=None):
     return groups
 
 
+def scale(tensors, factor):
+    """`[factor * t for t in tensors]` as new tensors; `None` stays `None`."""
+    return [None if t is None else t * ops.cast(factor, ops.dtype(t)) for t in tensors]
+
+
 def scale_(tensors, factor):
     """`[factor * t for t in tensors]`, overwriting `tensors` where it can.
 
@@ -77,7 +82,7 @@ def scale_(tensors, factor):
     that is safe; elsewhere the result is new. `None` stays `None`.
     """
     if keras.backend.backend() != "torch":
-        return [None if t is None else t * ops.cast(factor, ops.dtype(t)) for t in tensors]
+        return scale(tensors, factor)
     import torch
 
     groups = _torch_groups(tensors)

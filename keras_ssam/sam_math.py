@@ -52,12 +52,7 @@ def adaptive_scale(weights, eta):
 
 
 def _scale_list(tensors, factor, overwrite=False):
-    if overwrite:
-        return _kernels.scale_(tensors, factor)
-    return [
-        None if t is None else t * ops.cast(factor, ops.dtype(t))
-        for t in tensors
-    ]
+    return (_kernels.scale_ if overwrite else _kernels.scale)(tensors, factor)
 
 
 def sam_perturbation(
