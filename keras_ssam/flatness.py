@@ -29,7 +29,8 @@ Public functions:
     hessian_top_eigenvalue: power iteration on `H`.
     hessian_trace: Hutchinson's estimator with Rademacher probes.
 
-Both work on the tensorflow, jax and torch backends.
+Both work on the tensorflow, jax and torch backends; each backend's
+differentiation mechanics are in `keras_ssam/backend/<backend>_hessian.py`.
 
 References:
     Power iteration: e.g. Golub & Van Loan, "Matrix Computations", sec. 8.2.
@@ -41,6 +42,8 @@ References:
         two estimators applied to neural networks.
 """
 
+import functools
+import importlib
 import math
 import numbers
 import weakref
@@ -153,7 +156,25 @@ def _resolve_loss(model, loss):
 
 
 # --------------------------------------------------------------------------
-# Per-backend gradient of the batch loss at given weight values.
+# Gradient and Hessian-vector product of the batch loss at given weight
+# values; the backend's mechanics are in keras_ssam/backend/*_hessian.py.
+
+_HESSIAN_MODULES = {
+    "tensorflow": "keras_ssam.backend.tensorflow_hessian",
+    "jax": "keras_ssam.backend.jax_hessian",
+    "torch": "keras_ssam.backend.torch_hessian",
+}
+
+
+@functools.cache
+def _hessian_module():
+    name = keras.backend.backend()
+    if name not in _HESSIAN_MODULES:
+        raise NotImplementedError(
+            "keras_ssam.flatness supports the tensorflow, jax and torch "
+            f"backends; KERAS_BACKEND is {name!r}."
+        )
+    return importlib.import_module(_HESSIAN_MODULES[name])
 
 
 def _batch_loss(model, loss_fn, include_regularization, trainable, non_trainable, x, y):
@@ -187,19 +208,27 @@ _CACHE_SIZE = 4
 
 
 def _cached_function(kind, model, loss_fn, include_regularization):
-    """`_gradient_function` (kind "gradient") or `_hvp_function` (kind
-    "hvp"), cached per model, so that repeated calls (an eigenvalue, then a
-    trace) reuse the compiled JAX/TensorFlow function."""
-    make = _gradient_function if kind == "gradient" else _hvp_function
+    """The backend module's `gradient_function` (kind "gradient",
+    `fn(trainable_values, non_trainable_values, x, y) -> grads`) or
+    `hvp_function` (kind "hvp", `fn(..., x, y, v) -> H v`) of the batch loss,
+    cached per model, so that repeated calls (an eigenvalue, then a trace)
+    reuse the compiled JAX/TensorFlow function. Both give a list with one
+    tensor per trainable weight and write nothing to the model."""
+
+    def make():
+        module = _hessian_module()
+        build = module.gradient_function if kind == "gradient" else module.hvp_function
+        return build(_loss_function(model, loss_fn, include_regularization))
+
     key = (kind, loss_fn, bool(include_regularization))
     try:
         hash(key)
         cache = _FUNCTIONS.setdefault(model, {})
     except TypeError:
-        return make(model, loss_fn, include_regularization)
+        return make()
     fn = cache.get(key)
     if fn is None:
-        fn = make(model, loss_fn, include_regularization)
+        fn = make()
         if len(cache) >= _CACHE_SIZE:
             cache.pop(next(iter(cache)))
         cache[key] = fn
@@ -215,157 +244,6 @@ def _loss_function(model, loss_fn, include_regularization):
         )
 
     return loss_at
-
-
-def _unsupported_backend(backend):
-    return NotImplementedError(
-        "keras_ssam.flatness supports the tensorflow, jax and torch backends; "
-        f"KERAS_BACKEND is {backend!r}."
-    )
-
-
-def _gradient_function(model, loss_fn, include_regularization):
-    """Returns `fn(trainable_values, non_trainable_values, x, y) -> grads`.
-
-    `grads` is a list with one tensor per trainable weight (zeros where the
-    loss does not depend on it): the gradient of the batch loss at
-    `trainable_values`, computed with `model.stateless_call(...,
-    training=False)`. Nothing is written to the model.
-    """
-    backend = keras.backend.backend()
-    loss_at = _loss_function(model, loss_fn, include_regularization)
-
-    if backend == "jax":
-        import jax
-
-        grad = jax.jit(jax.grad(loss_at))
-
-        def fn(trainable, non_trainable, x, y):
-            return list(grad(list(trainable), list(non_trainable), x, y))
-
-        return fn
-
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        @tf.function(reduce_retracing=True)
-        def grad(trainable, non_trainable, x, y):
-            with tf.GradientTape() as tape:
-                tape.watch(trainable)
-                value = loss_at(trainable, non_trainable, x, y)
-            grads = tape.gradient(value, trainable)
-            return [
-                tf.zeros_like(w) if g is None else tf.convert_to_tensor(g)
-                for w, g in zip(trainable, grads)
-            ]
-
-        def fn(trainable, non_trainable, x, y):
-            return grad(list(trainable), list(non_trainable), x, y)
-
-        return fn
-
-    if backend == "torch":
-        import torch
-
-        def fn(trainable, non_trainable, x, y):
-            leaves = [w.detach().requires_grad_(True) for w in trainable]
-            with torch.enable_grad():
-                value = loss_at(leaves, list(non_trainable), x, y)
-                grads = torch.autograd.grad(value, leaves, allow_unused=True)
-            return [
-                torch.zeros_like(w) if g is None else g.detach()
-                for w, g in zip(leaves, grads)
-            ]
-
-        return fn
-
-    raise _unsupported_backend(backend)
-
-
-def _hvp_function(model, loss_fn, include_regularization):
-    """Returns `fn(trainable_values, non_trainable_values, x, y, v) -> H v`.
-
-    The exact Hessian-vector product of the batch loss at
-    `trainable_values` by automatic differentiation: forward-over-reverse
-    (`jax.jvp` of `jax.grad`) on JAX, the gradient of `<grad L, v>`
-    (double backpropagation, as in PyHessian) on TensorFlow and torch. A list
-    with one tensor per trainable weight; nothing is written to the model.
-    """
-    backend = keras.backend.backend()
-    loss_at = _loss_function(model, loss_fn, include_regularization)
-
-    if backend == "jax":
-        import jax
-
-        def hvp(trainable, non_trainable, x, y, v):
-            def grad(w):
-                return jax.grad(loss_at)(w, non_trainable, x, y)
-
-            return jax.jvp(grad, (trainable,), (v,))[1]
-
-        hvp = jax.jit(hvp)
-
-        def fn(trainable, non_trainable, x, y, v):
-            return list(hvp(list(trainable), list(non_trainable), x, y, list(v)))
-
-        return fn
-
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        @tf.function(reduce_retracing=True)
-        def hvp(trainable, non_trainable, x, y, v):
-            with tf.GradientTape() as outer:
-                outer.watch(trainable)
-                with tf.GradientTape() as inner:
-                    inner.watch(trainable)
-                    value = loss_at(trainable, non_trainable, x, y)
-                grads = inner.gradient(value, trainable)
-                products = [
-                    tf.reduce_sum(tf.convert_to_tensor(g) * u)
-                    for g, u in zip(grads, v)
-                    if g is not None
-                ]
-                gv = tf.add_n(products) if products else tf.zeros(())
-            hv = outer.gradient(gv, trainable)
-            return [
-                tf.zeros_like(w) if h is None else tf.convert_to_tensor(h)
-                for w, h in zip(trainable, hv)
-            ]
-
-        def fn(trainable, non_trainable, x, y, v):
-            return hvp(list(trainable), list(non_trainable), x, y, list(v))
-
-        return fn
-
-    if backend == "torch":
-        import torch
-
-        def fn(trainable, non_trainable, x, y, v):
-            leaves = [w.detach().requires_grad_(True) for w in trainable]
-            with torch.enable_grad():
-                value = loss_at(leaves, list(non_trainable), x, y)
-                grads = torch.autograd.grad(
-                    value, leaves, create_graph=True, allow_unused=True
-                )
-                products = [
-                    (g * u).sum()
-                    for g, u in zip(grads, v)
-                    if g is not None and g.requires_grad
-                ]
-                if not products:  # the loss is linear in the weights
-                    return [torch.zeros_like(w) for w in leaves]
-                hv = torch.autograd.grad(
-                    sum(products), leaves, allow_unused=True
-                )
-            return [
-                torch.zeros_like(w) if h is None else h.detach()
-                for w, h in zip(leaves, hv)
-            ]
-
-        return fn
-
-    raise _unsupported_backend(backend)
 
 
 # --------------------------------------------------------------------------
