@@ -15,13 +15,14 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_ssam  # noqa: E402
-from bench import FULL, build_keras_model  # noqa: E402  (same folder)
+from sam_bench.configs import FULL  # noqa: E402  (same folder)
+from sam_bench.models import build_keras_model  # noqa: E402
 
 BATCH = 128
 
 
 def mlp():
-    """The benchmark's MLP (bench.py, full size): 4.2 M parameters."""
+    """The benchmark's MLP (sam_bench.models, full size): 4.2 M parameters."""
     keras.utils.set_random_seed(0)
     return build_keras_model("mlp", FULL)
 

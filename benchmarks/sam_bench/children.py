@@ -1,0 +1,169 @@
+"""The child processes, one backend each (KERAS_BACKEND set by the parent):
+the timing harness and the fresh-process memory measurement. Each writes its
+result as JSON to `--child-out`.
+
+Timing (`child_timing`): per model, every configuration is built from the
+same initial weights and warmed up with one block of `--steps` steps
+(tracing, XLA compilation, the first epoch: excluded). Then
+`for rep in range(reps): for config in configs (rotated each rep): run one
+block of --steps steps`, so slow phases of a shared machine hit every
+configuration alike. Reported per configuration: the median of all timed
+steps, and the min and max over repetitions of the per-repetition medians.
+"""
+
+import json
+import platform
+import statistics
+import time
+
+from .configs import KERAS_CONFIGS, PEER_CONFIGS, PEERS
+from .keras_config import KerasConfig
+from .memory import measure_memory, rss_mib
+from .models import build_keras_model, make_data, weight_info
+from .peers import JaxPeerConfig, TorchPeerConfig, peer_available
+
+METHOD = (
+    "per-step wall time; Keras: callback on_train_batch_begin->on_train_batch_end "
+    "(logs are pythonified before the callback runs, which syncs); peers: numpy batch "
+    "conversion to loss read back as float. Warm-up epoch excluded. Interleaved reps, "
+    "config order rotated each rep.")
+
+
+def make_config(backend, name, model_name, template, sizes, x, y, batch_size):
+    """The configuration `name`: a KerasConfig, or this backend's peer loop."""
+    if name in KERAS_CONFIGS:
+        return KerasConfig(name, template, x, y, batch_size)
+    if backend == "jax":
+        return JaxPeerConfig(name, template, x, y, batch_size)
+    if backend == "torch":
+        return TorchPeerConfig(name, model_name, sizes, x, y, batch_size)
+    raise ValueError(f"no peer implementation on {backend}")
+
+
+def backend_versions(backend):
+    """The versions of Keras, Python, the backend and its peer library."""
+    import keras
+
+    versions = {"keras": keras.__version__, "python": platform.python_version()}
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        versions["tensorflow"] = tf.__version__
+    elif backend == "jax":
+        import jax
+        import optax
+
+        versions["jax"] = jax.__version__
+        versions["optax"] = optax.__version__
+        versions["jax_devices"] = [str(d) for d in jax.devices()]
+    elif backend == "torch":
+        import torch
+
+        versions["torch"] = torch.__version__
+        versions["torch_threads"] = torch.get_num_threads()
+        try:
+            import pytorch_optimizer
+
+            versions["pytorch_optimizer"] = pytorch_optimizer.__version__
+        except Exception:  # noqa: BLE001
+            pass
+    return versions
+
+
+def child_timing(args):
+    """Times every configuration of every model on this backend (module doc)."""
+    import keras
+
+    backend = keras.backend.backend()
+    sizes = args.sizes
+    configs = args.configs
+    peer_ok, peer_reason = peer_available(backend)
+    if not peer_ok:
+        configs = [c for c in configs if c not in PEER_CONFIGS]
+    result = {
+        "backend": backend,
+        "versions": backend_versions(backend),
+        "peer": PEERS[backend] if peer_ok else None,
+        "peer_skipped_reason": peer_reason,
+        "models": {},
+    }
+    for model_name in args.models:
+        keras.utils.set_random_seed(0)
+        template = build_keras_model(model_name, sizes)
+        params, nbytes = weight_info(template)
+        x, y = make_data(args.steps, args.batch_size)
+        cfgs, first_epoch_s = {}, {}
+        for name in configs:
+            cfg = make_config(backend, name, model_name, template, sizes, x, y, args.batch_size)
+            t0 = time.perf_counter()
+            cfg.run_block(args.steps)  # warm-up: trace, compile, first epoch
+            first_epoch_s[name] = time.perf_counter() - t0
+            cfgs[name] = cfg
+        traces_after_warmup = {n: c.traces for n, c in cfgs.items()}
+        times = {n: [] for n in cfgs}
+        order = list(cfgs)
+        for rep in range(args.reps):
+            k = rep % len(order)
+            for name in order[k:] + order[:k]:
+                times[name].append(cfgs[name].run_block(args.steps))
+        entry = {
+            "trainable_params": params,
+            "trainable_weight_bytes": nbytes,
+            "configs": {},
+        }
+        for name, cfg in cfgs.items():
+            per_rep = [statistics.median(block) for block in times[name]]
+            pooled = [t for block in times[name] for t in block]
+            traced = backend != "torch"  # torch: eager, train_step runs every step
+            entry["configs"][name] = {
+                "kind": cfg.kind,
+                "step_s": {
+                    "median": statistics.median(pooled),
+                    "rep_median_min": min(per_rep),
+                    "rep_median_max": max(per_rep),
+                    "per_rep_median": per_rep,
+                },
+                "step_times_s": times[name],
+                "first_epoch_s": first_epoch_s[name],
+                "jit_compile": getattr(getattr(cfg, "model", None), "jit_compile", None)
+                if cfg.kind == "keras" else (backend == "jax"),
+                "traces": None if cfg.traces is None else {
+                    "after_warmup": traces_after_warmup[name],
+                    "end": cfg.traces,
+                    "retraces_after_warmup": cfg.traces - traces_after_warmup[name],
+                    "meaningful": traced,
+                    "jit_cache_entries": cfg.jit_cache_size() if backend == "jax" else None,
+                    "tf_function_tracing_count": cfg.tf_tracing_counts()
+                    if backend == "tensorflow" else None,
+                },
+            }
+        if args.memory == "inline":
+            # Every config's model is alive here: no meaningful persistent
+            # figure, only the steady-state step peak.
+            for name, cfg in cfgs.items():
+                entry["configs"][name]["memory"] = dict(
+                    measure_memory(backend, cfg, args.steps, None, already_warm=True),
+                    method="inline",
+                )
+        result["models"][model_name] = entry
+        del cfgs
+    with open(args.child_out, "w") as f:
+        json.dump(result, f)
+
+
+def child_memory(args):
+    """Measures one (model, configuration) in this fresh process (sam_bench.memory)."""
+    import keras
+
+    backend = keras.backend.backend()
+    sizes = args.sizes
+    (model_name,), (name,) = args.models, args.configs
+    keras.utils.set_random_seed(0)
+    template = build_keras_model(model_name, sizes)
+    x, y = make_data(args.steps, args.batch_size)
+    cfg = make_config(backend, name, model_name, template, sizes, x, y, args.batch_size)
+    rss_before = rss_mib()
+    out = measure_memory(backend, cfg, args.steps, rss_before, already_warm=False)
+    out["method"] = "fresh"
+    with open(args.child_out, "w") as f:
+        json.dump(out, f)

@@ -1,0 +1,140 @@
+"""A Keras configuration (`configs.KERAS_CONFIGS`) under test: its own copy
+of the model, compiled with its optimizer, trained with `fit` one block of
+steps at a time and timed per step by a callback, plus best-effort
+introspection of Keras's train function (trace count, JAX jit cache, TF
+tracing count, XLA memory analysis).
+
+Step timing: wall time from `on_train_batch_begin` to `on_train_batch_end`.
+A callback that overrides `on_train_batch_end` turns off Keras's asynchronous
+dispatch, and Keras hands it logs already converted to Python floats
+(`pythonify_logs`), which waits for the step's result on every backend: a
+per-batch time is the step's real duration, input fetching included. Each
+`fit` call reuses the compiled train function.
+
+Tracing: `train_step` is wrapped by a counter. On TensorFlow and JAX it runs
+once per trace of the train function, so the counts after the warm-up epoch
+and at the end of the run must be equal (no retracing); on torch it runs
+eagerly once per step and the count means nothing.
+"""
+
+import time
+
+from .configs import KERAS_CONFIGS, LEARNING_RATE, MOMENTUM
+from .memory import xla_stats
+
+
+class KerasConfig:
+    """One Keras configuration: its own model copy, compiled, timed with fit."""
+
+    kind = "keras"
+
+    def __init__(self, name, template, x, y, batch_size):
+        import keras
+
+        import keras_ssam
+
+        self.name = name
+        self.x, self.y, self.batch_size = x, y, batch_size
+        inner = keras.models.clone_model(template)
+        inner.set_weights(template.get_weights())
+        base = keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM)
+        if name not in KERAS_CONFIGS:
+            raise ValueError(f"unknown Keras config {name!r}")
+        model, optimizer = KERAS_CONFIGS[name](inner, base, keras_ssam)
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        self.model = model
+        self.traces = 0
+        original = model.train_step
+
+        def counted_train_step(*args, **kwargs):
+            self.traces += 1
+            return original(*args, **kwargs)
+
+        # Instance attribute: make_train_function picks it up on first fit.
+        model.train_step = counted_train_step
+        self.timer = make_step_timer()
+
+    def run_block(self, steps):
+        self.timer.times = []
+        self.model.fit(
+            self.x[: steps * self.batch_size],
+            self.y[: steps * self.batch_size],
+            batch_size=self.batch_size,
+            epochs=1,
+            steps_per_epoch=steps,
+            shuffle=False,
+            verbose=0,
+            callbacks=[self.timer],
+        )
+        return list(self.timer.times)
+
+    def _jitted_train_step(self):
+        """The `jax.jit` object inside Keras's JAX train function, or None."""
+        fn = getattr(self.model, "train_function", None)
+        cells = getattr(fn, "__closure__", None) or ()
+        return next((c.cell_contents for c in cells if hasattr(c.cell_contents, "lower")), None)
+
+    def jit_cache_size(self):
+        """Compiled entries in that jit's cache (a cross-check of the trace count)."""
+        jitted = self._jitted_train_step()
+        try:
+            return int(jitted._cache_size())
+        except Exception:  # noqa: BLE001 - private API, best effort
+            return None
+
+    def tf_tracing_counts(self):
+        """`experimental_get_tracing_count()` of the tf.functions inside Keras's
+        TensorFlow train function (a cross-check of the trace count)."""
+        fn = getattr(self.model, "train_function", None)
+        counts = {}
+        for name, cell in zip(getattr(fn, "__code__", None) and fn.__code__.co_freevars or (),
+                              getattr(fn, "__closure__", None) or ()):
+            try:
+                counts[name] = int(cell.cell_contents.experimental_get_tracing_count())
+            except Exception:  # noqa: BLE001 - not a tf.function
+                continue
+        return counts or None
+
+    def xla_memory(self):
+        """XLA's compiled-memory analysis of the JAX train step."""
+        import jax
+
+        jitted = self._jitted_train_step()
+        if jitted is None:
+            return {"error": "no jitted function found in model.train_function"}
+        m = self.model
+
+        def spec(v):
+            return jax.ShapeDtypeStruct(tuple(v.shape), v.dtype)
+
+        state = tuple(
+            [spec(v.value) for v in vs]
+            for vs in (m.trainable_variables, m.non_trainable_variables,
+                       m.optimizer.variables, m.metrics_variables)
+        )
+        b = self.batch_size
+        data = (spec(self.x[:b]), spec(self.y[:b]))
+        return xla_stats(jitted.lower(state, data).compile())
+
+
+def make_step_timer():
+    """A Keras callback recording each training batch's wall time (see module doc)."""
+    import keras
+
+    class StepTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times = []
+            self._t0 = None
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._t0 = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            # `logs` holds Python floats here: the step has finished.
+            self.times.append(time.perf_counter() - self._t0)
+
+    return StepTimer()

@@ -1,0 +1,194 @@
+"""The outputs, written to `--out`: the printed tables (`bench.txt`: per
+configuration the step times, traces and memory; the ratios with their target
+verdicts; SAM's extra memory; retracing), everything as JSON (`bench.json`:
+{"meta": ..., "results": ...}) and the chart of the ratios (`bench.png`: bars
+per backend, one panel per model, whiskers min-max over repetitions).
+"""
+
+import json
+import os
+
+from .configs import MEMORY_TARGET_WEIGHTS, MODELS, PEER_LEGEND, RATIOS, RSS_VERDICT_MIN_WEIGHT_MIB
+
+
+def write(results, meta, out):
+    """Prints the tables and writes bench.json, bench.txt and bench.png to `out`."""
+    os.makedirs(out, exist_ok=True)
+    text = report(results, meta)
+    print("\n" + text)
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    with open(os.path.join(out, "bench.txt"), "w") as f:
+        f.write(text + "\n")
+    png = os.path.join(out, "bench.png")
+    if plot(results, png, meta):
+        print(f"\nwrote {os.path.join(out, 'bench.json')}, bench.txt, bench.png "
+              f"({meta['wall_s']:.0f} s)")
+
+
+def _fmt_ms(s):
+    return f"{1000 * s:8.2f}"
+
+
+def _fmt_mib(v):
+    return "     -" if v is None else f"{v:6.1f}"
+
+
+def _verdict(extra_weights, meta):
+    if meta["mode"] == "smoke" or extra_weights is None:
+        return ""
+    return " ok" if extra_weights <= MEMORY_TARGET_WEIGHTS else " MISS"
+
+
+def report(results, meta):
+    lines = []
+    p = lines.append
+    p(f"keras_ssam benchmark  ({meta['mode']}: reps={meta['reps']} steps={meta['steps']} "
+      f"batch={meta['batch_size']}, memory={meta['memory']})")
+    p(f"machine: {meta['machine']}, {meta['cpu_count']} CPUs (children on {meta['child_cpus']}), load average "
+      f"{meta['loadavg_start']} at start, {meta['loadavg_end']} at end")
+    if meta["mode"] == "smoke":
+        p("SMOKE MODE: tiny models, 1 repetition; checks the script runs, the numbers mean nothing.")
+    for backend, res in results.items():
+        if "error" in res:
+            p(f"\n=== {backend}: FAILED ===\n{res['error']}")
+            continue
+        p(f"\n=== {backend}  (peer: {res['peer'] or 'none'}"
+          + (f"; {res['peer_skipped_reason']}" if res.get("peer_skipped_reason") and res["peer"] is None and backend != "tensorflow" else "")
+          + ") ===")
+        for model_name, entry in res["models"].items():
+            p(f"-- {model_name}: {entry['trainable_params']:,} trainable parameters "
+              f"({entry['trainable_weight_bytes'] / 2**20:.2f} MiB)")
+            p(f"   {'config':<12} {'median ms':>9} {'rep min-max ms':>19} {'1st epoch s':>11} "
+              f"{'traces warm/end':>15} {'step peak MiB':>13} {'persist MiB':>11} {'total MiB':>9}")
+            for name, c in entry["configs"].items():
+                s = c["step_s"]
+                tr = c["traces"]
+                if tr is None:
+                    trs = "n/a"
+                elif not tr["meaningful"]:
+                    trs = "eager"
+                else:
+                    trs = f"{tr['after_warmup']}/{tr['end']}"
+                mem = c.get("memory") or {}
+                p(f"   {name:<12} {_fmt_ms(s['median']):>9} "
+                  f"{_fmt_ms(s['rep_median_min'])}-{_fmt_ms(s['rep_median_max']).strip():<9} "
+                  f"{c['first_epoch_s']:11.2f} {trs:>15} {_fmt_mib(mem.get('step_peak_mib')):>13} "
+                  f"{_fmt_mib(mem.get('fit_persistent_mib')):>11} {_fmt_mib(mem.get('total_peak_mib')):>9}")
+    p("\nRatios of step times: median over repetitions [min-max], then ok or MISS against the target "
+      "(no verdicts in smoke mode)")
+    header = f"{'backend':<11} {'model':<7}" + "".join(f" {label:>24}" for _, _, label, _ in RATIOS)
+    p(header)
+    for backend, res in results.items():
+        if "error" in res:
+            continue
+        for model_name, entry in res["models"].items():
+            row = f"{backend:<11} {model_name:<7}"
+            for num, den, label, targets in RATIOS:
+                r = entry["ratios"].get(f"{num}/{den}")
+                if r is None:
+                    row += f" {'-':>24}"
+                    continue
+                cell = f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]"
+                if backend in targets and meta["mode"] != "smoke":
+                    ok = "ok" if r["median"] <= targets[backend] else "MISS"
+                    cell += f" {ok}<={targets[backend]:.2f}"
+                row += f" {cell:>24}"
+            p(row)
+    if meta["memory"] == "off":
+        p("\nMemory: not measured (--memory off).")
+    else:
+        _memory_report(p, results, meta)
+    _traces_report(p, results)
+    return "\n".join(lines)
+
+
+def _memory_report(p, results, meta):
+    p(f"\nMemory of a SAM step minus a plain step, in MiB and in trainable-weight sizes "
+      f"(target <= ~{MEMORY_TARGET_WEIGHTS:.0f}x). RSS step peak: above the RSS between steps; "
+      "RSS total peak: above the RSS before fit (adds optimizer slots, kept gradients, compiled code); "
+      "XLA: the compiled step's buffers (exact). No RSS verdict for weights under "
+      f"{RSS_VERDICT_MIN_WEIGHT_MIB:.0f} MiB: below the RSS noise.")
+    for backend, res in results.items():
+        if "error" in res:
+            continue
+        for model_name, entry in res["models"].items():
+            m = entry.get("memory_sam_vs_plain") or {}
+            parts = []
+            rss_ok = entry["trainable_weight_bytes"] / 2**20 >= RSS_VERDICT_MIN_WEIGHT_MIB
+            for label, name in (("rss_step_peak", "RSS step peak"), ("rss_total_peak", "RSS total peak")):
+                if f"{label}_extra_mib" in m:
+                    parts.append(f"{name} {m[f'{label}_extra_mib']:+.1f} MiB = "
+                                 f"{m[f'{label}_extra_weights']:+.2f}x"
+                                 + (_verdict(m[f"{label}_extra_weights"], meta) if rss_ok else ""))
+            if "xla_peak_extra_mib" in m:
+                parts.append(f"XLA {m['xla_peak_extra_mib']:+.2f} MiB = {m['xla_peak_extra_weights']:+.2f}x"
+                             + _verdict(m["xla_peak_extra_weights"], meta))
+            if "device_peak_extra_weights" in m:
+                parts.append(f"device {m['device_peak_extra_weights']:+.2f}x weights")
+            p(f"{backend:<11} {model_name:<7} " + ("; ".join(parts) if parts else "not measured"))
+
+
+def _traces_report(p, results):
+    p("\nTraces: train_step calls after the warm-up epoch / at the end; equal = no retracing "
+      "(tensorflow, jax; torch runs eagerly).")
+    retraced = [
+        f"{b}/{m}/{n}"
+        for b, res in results.items() if "error" not in res
+        for m, e in res["models"].items()
+        for n, c in e["configs"].items()
+        if c["traces"] and c["traces"]["meaningful"] and c["traces"]["retraces_after_warmup"]
+    ]
+    p("retracing after warm-up: " + (", ".join(retraced) if retraced else "none"))
+
+
+def plot(results, path, meta):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({m for r in results.values() if "error" not in r for m in r["models"]},
+                    key=lambda m: MODELS.index(m) if m in MODELS else 99)
+    backends = [b for b, r in results.items() if "error" not in r]
+    if not models or not backends:
+        return False
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
+    width = 0.8 / len(RATIOS)
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f"]
+    for ax, model_name in zip(axes[0], models):
+        for i, (num, den, label, targets) in enumerate(RATIOS):
+            xs, ys, lo, hi = [], [], [], []
+            for j, b in enumerate(backends):
+                r = results[b]["models"].get(model_name, {}).get("ratios", {}).get(f"{num}/{den}")
+                if r is None:
+                    continue
+                xs.append(j + (i - (len(RATIOS) - 1) / 2) * width)
+                ys.append(r["median"])
+                lo.append(r["median"] - r["min"])
+                hi.append(r["max"] - r["median"])
+            if xs:
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, color=colors[i % len(colors)],
+                       label=PEER_LEGEND if num == "peer_sam" else label)
+                for xv, b in zip(xs, [b for b in backends if results[b]["models"].get(model_name, {})
+                                      .get("ratios", {}).get(f"{num}/{den}")]):
+                    if b in targets:
+                        ax.hlines(targets[b], xv - width / 2, xv + width / 2, colors="red", lw=1.5)
+                for xv, yv, up in zip(xs, ys, hi):
+                    ax.text(xv, yv + up, f"{yv:.2f}", ha="center", va="bottom", fontsize=6, rotation=90)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(2.0, color="k", lw=0.8, ls=":")
+        ax.set_xticks(range(len(backends)))
+        ax.set_xticklabels(backends)
+        ax.set_title(f"{model_name}: step-time ratios (bars: median, whiskers: min-max over reps, "
+                     "red: target)", fontsize=9)
+        ax.set_ylabel("ratio of median step times")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    title = f"keras_ssam benchmark ({meta['mode']}, batch {meta['batch_size']}, {meta['machine']})"
+    if meta["mode"] == "smoke":
+        title += " - SMOKE: numbers meaningless"
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
