@@ -278,6 +278,21 @@ def test_regularizers_on_two_layers_in_both_passes(variant):
 L2_ACTIVITY = 0.6
 
 
+def activity_divisor(batch):
+    """What Keras divides an activity penalty by: the batch size since Keras
+    3.14, 1 before. Asked of Keras itself, so the reference follows the
+    training loss of whichever Keras is installed."""
+    probe = keras.layers.Dense(
+        1, use_bias=False, kernel_initializer="ones",
+        activity_regularizer=keras.regularizers.L2(1.0),
+    )
+    probe(np.ones((batch, 1), "float32"))  # output all ones: sum(out^2) = batch
+    (penalty,) = probe.losses
+    divisor = batch / float(keras.ops.convert_to_numpy(penalty))
+    assert np.isclose(divisor, 1.0) or np.isclose(divisor, batch), divisor
+    return divisor
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_activity_regularizer_in_both_passes(variant):
     x, y, kernel, bias = data(2)
@@ -292,11 +307,12 @@ def test_activity_regularizer_in_both_passes(variant):
 
     x64, y64 = as64(x, y)
 
-    # Keras 3 divides the activity penalty by the batch size:
-    # L_act = l2 * sum(out^2) / N.
+    # L_act = l2 * sum(out^2) / div, div = N on Keras >= 3.14, 1 before.
+    div = activity_divisor(N)
+
     def act_grad(p):
         out = mse_residual(p, x64)
-        d = 2.0 * L2_ACTIVITY * out / N
+        d = 2.0 * L2_ACTIVITY * out / div
         return [x64.T @ d, d.sum(0)]
 
     def grad(p):
@@ -304,7 +320,7 @@ def test_activity_regularizer_in_both_passes(variant):
 
     def loss(p):
         out = mse_residual(p, x64)
-        return mse_loss(p, x64, y64) + L2_ACTIVITY * np.sum(out**2) / N
+        return mse_loss(p, x64, y64) + L2_ACTIVITY * np.sum(out**2) / div
 
     w0 = as64(kernel, bias)
     ref = reference_steps(w0, grad, lambda pp, pc: grad(pp), variant, 2)
@@ -340,10 +356,11 @@ def test_activity_and_weight_regularizer_on_functional_model(variant):
     losses = fit_steps(model, x, y, steps=1)
 
     x64, y64 = as64(x, y)
+    div = activity_divisor(N)
 
     def extra_grad(p):
         out = mse_residual(p, x64)
-        d = 2.0 * L2_ACTIVITY * out / N
+        d = 2.0 * L2_ACTIVITY * out / div
         return [x64.T @ d + 2 * L2_KERNEL * p[0], d.sum(0)]
 
     def grad(p):
@@ -353,7 +370,7 @@ def test_activity_and_weight_regularizer_on_functional_model(variant):
         out = mse_residual(p, x64)
         return (
             mse_loss(p, x64, y64)
-            + L2_ACTIVITY * np.sum(out**2) / N
+            + L2_ACTIVITY * np.sum(out**2) / div
             + L2_KERNEL * np.sum(p[0] ** 2)
         )
 

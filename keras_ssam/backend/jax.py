@@ -3,7 +3,6 @@
 import jax
 import keras
 from keras import StatelessScope
-from keras.src.trainers.data_adapters import data_adapter_utils
 
 
 def _batch_shards():
@@ -18,7 +17,7 @@ def _batch_shards():
 
 def train_step(model, state, data):
     trainable, non_trainable, optimizer_values, metrics_values = state
-    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     optimizer_mapping = list(zip(model.optimizer.variables, optimizer_values))
 
     def scaled_loss(values, x, y, sample_weight):
