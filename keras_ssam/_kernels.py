@@ -11,11 +11,11 @@ fewest full-size passes the backend allows. The formulas stay in
   full size first (without XLA). Row norms don't (the reduction runs over
   short rows, which also keeps float32 sums accurate); TensorFlow has the
   one-pass kernel `tf.nn.l2_loss`.
-- `scale_`, `add_`: torch works in place with multi-tensor kernels
+- `scale_`, `add_`, `where_`: torch works in place with multi-tensor kernels
   (`torch._foreach_mul_`, `torch._foreach_add_`, as Keras's own torch
   optimizers do), neither allocating nor page-faulting another copy of the
   weights' size: e is computed in the clean gradient's memory and w + e in
-  e's, so a SAM step holds one weight-sized tensor more than a plain one.
+  e's.
 """
 
 import keras
@@ -113,4 +113,32 @@ def add_(tensors, others):
     ]
     for _, group, partners in groups.values():
         torch._foreach_add_(group, partners)
+    return result
+
+
+def where(condition, tensors, others):
+    """`[where(condition, o, t) for t, o in zip(tensors, others)]` for a
+    scalar boolean `condition`, as new tensors; `None` stays `None`."""
+    return [
+        t if t is None else ops.where(condition, o, t)
+        for t, o in zip(tensors, others)
+    ]
+
+
+def where_(condition, tensors, others):
+    """`where(condition, tensors, others)`, overwriting `tensors` where it
+    can (as `scale_`)."""
+    if keras.backend.backend() != "torch":
+        return where(condition, tensors, others)
+    import torch
+
+    groups = _torch_groups(tensors, others)
+    in_place = {i for indices, _, _ in groups.values() for i in indices}
+    result = [
+        t if t is None or i in in_place else torch.where(condition, o, t)
+        for i, (t, o) in enumerate(zip(tensors, others))
+    ]
+    for dtype, (_, group, partners) in groups.items():
+        # lerp with weight 0 or 1 is exactly t or o (both finite).
+        torch._foreach_lerp_(group, partners, condition.to(dtype))
     return result

@@ -13,7 +13,13 @@ from keras_ssam._validation import check_int
 from keras_ssam.optimizers import find_sam_optimizer
 
 PERTURBATION_SCOPES = ("global", "local")
-DIAGNOSTICS = ("grad_norm", "perturbed_grad_norm", "renorm_factor", "sharpness")
+DIAGNOSTICS = (
+    "grad_norm",
+    "perturbed_grad_norm",
+    "renorm_factor",
+    "sharpness",
+    "clean_fallback",
+)
 
 _STEP_MODULES = {
     "tensorflow": "keras_ssam.backend.tensorflow",
@@ -54,14 +60,19 @@ class SAMModel(keras.Model):
         diagnostics: add to the training logs (epoch means, like `loss`):
             `grad_norm` (`||T g||`), `perturbed_grad_norm` (`||T g_asc||` as
             used in gamma), `renorm_factor` (SSAM's gamma; 1.0 when not
-            stable) and `sharpness` (batch loss at `w + e` minus batch loss at
-            `w`). Off by default, and then nothing extra is computed.
+            stable), `sharpness` (batch loss at `w + e` minus batch loss at
+            `w`) and `clean_fallback` (the fraction of steps whose perturbed
+            gradient vanished and that took the clean gradient instead). Off
+            by default, and then no diagnostic is logged.
         num_batch_splits: m-sharpness (Foret et al. 2021, sec. 4.1): split each
-            batch into this many equal chunks, each with its own `g`, `e`,
-            `g_asc` (and gamma); the update gradient is the mean of the
-            chunks' update gradients. The logged loss, the metrics and the
-            state updates still come from the clean pass over the whole batch.
-            The batch size must be a multiple of it.
+            batch into this many chunks, each with its own `g`, `e`, `g_asc`
+            (and gamma); the update gradient is the chunks' update gradients
+            averaged with weights proportional to their sizes. The logged
+            loss, the metrics and the state updates still come from the clean
+            pass over the whole batch. A batch that this number does not
+            divide (a partial last batch) is split into chunks whose sizes
+            differ by at most one; a batch smaller than it into one-example
+            chunks.
         perturbation_scope: with data parallelism (JAX `keras.distribution`,
             `tf.distribute`), `"global"` (default) takes `g`, `e` and gamma
             from the all-reduced gradient, identical on every replica, so a
@@ -132,7 +143,10 @@ class SAMModel(keras.Model):
 
     def build(self, input_shape):
         if not self.model.built:
-            self.model.build(input_shape)
+            # As Keras builds a model by its first batch: a symbolic call runs
+            # the model's own `build`, or traces a subclassed model's `call`
+            # when it has none.
+            self.model(tree.map_shape_structure(keras.KerasTensor, input_shape))
         self.built = True
 
     def call(self, inputs, training=None):
@@ -238,46 +252,44 @@ class SAMModel(keras.Model):
                 sam, grads, weights, clean_loss, grad_scale, reduce,
                 lambda values: stateless_gradient(values, x, y, sample_weight),
             )
-        updates, stats = [], []
-        for cx, cy, csw in _split_batch((x, y, sample_weight), splits):
+        # Chunk updates weighted by chunk size: with equal chunks, their mean.
+        total_update, total_stats = None, None
+        for (cx, cy, csw), weight in _split_batch((x, y, sample_weight), splits):
             chunk_loss, chunk_grads = stateless_gradient(weights, cx, cy, csw)
             update, chunk_stats = self._one_sam_update(
                 sam, chunk_grads, weights, chunk_loss, grad_scale, reduce,
                 lambda values, cx=cx, cy=cy, csw=csw: stateless_gradient(values, cx, cy, csw),
             )
-            updates.append(update)
-            stats.append(chunk_stats)
-        mean_update = [
-            None if parts[0] is None else ops.mean(ops.stack(parts), axis=0)
-            for parts in zip(*updates)
-        ]
-        mean_stats = {
-            k: ops.mean(ops.stack([s[k] for s in stats])) for k in stats[0]
-        }
-        return mean_update, mean_stats
+            update = [None if u is None else _weighted(u, weight) for u in update]
+            chunk_stats = {k: _weighted(v, weight) for k, v in chunk_stats.items()}
+            if total_update is None:
+                total_update, total_stats = update, chunk_stats
+                continue
+            total_update = [
+                None if t is None else t + u for t, u in zip(total_update, update)
+            ]
+            total_stats = {k: total_stats[k] + v for k, v in chunk_stats.items()}
+        return total_update, total_stats
 
     def _one_sam_update(self, sam, grads, weights, clean_loss, grad_scale, reduce, gradient_at):
         # With `reduce` (global scope over replicas) e and gamma come from the
         # all-reduced gradients, while the update stays this replica's share:
-        # the optimizer all-reduces it, once.
-        # The step owns both gradients: torch computes e and SSAM's rescaled
-        # update in their memory (the clean gradient is not needed after e).
+        # the optimizer all-reduces it, once. The clean gradient stays alive
+        # for the fallback on a step whose perturbed gradient vanishes.
         perturbations, grad_norm = sam.perturbation(
-            grads if reduce is None else reduce(grads), weights, grad_scale,
-            overwrite_grads=True,
+            grads if reduce is None else reduce(grads), weights, grad_scale
         )
-        del grads
-        # On torch w + e overwrites e, itself in the clean gradient's memory.
+        # On torch w + e overwrites e.
         perturbed = _kernels.add_(perturbations, weights)
         del perturbations
         perturbed_loss, perturbed_grads = gradient_at(perturbed)
         if not sam.adaptive:
             perturbed = None  # only T(w + e) reads it: free it before the update
-        norm_grads = None
-        if reduce is not None and (sam.stable or self.diagnostics):
-            norm_grads = reduce(perturbed_grads)
+        norm_grads = None if reduce is None else reduce(perturbed_grads)
+        # The step owns the perturbed gradients: torch computes SSAM's
+        # rescaled update (and the fallback) in their memory.
         update, stats = sam.update_gradients(
-            None, perturbed_grads, perturbed, grad_norm, grad_scale,
+            grads, perturbed_grads, perturbed, grad_norm, grad_scale,
             need_stats=self.diagnostics, norm_perturbed_grads=norm_grads,
             overwrite_grads=True,
         )
@@ -355,24 +367,44 @@ def _without_diagnostics(logs):
     return {k: v for k, v in logs.items() if k not in DIAGNOSTICS}
 
 
+def _weighted(value, weight):
+    """`weight * value`; an empty chunk (weight 0, value maybe NaN) gives 0."""
+    product = value * ops.cast(weight, ops.dtype(value))
+    if isinstance(weight, float):
+        return product
+    return ops.where(ops.greater(weight, 0), product, ops.zeros_like(product))
+
+
 def _split_batch(data, splits):
-    """Splits every tensor of `(x, y, sample_weight)` into `splits` equal
-    chunks along the batch axis; returns a list of `(x, y, sample_weight)`."""
-    batch = next(t for t in tree.flatten(data) if t is not None).shape[0]
-    if batch is not None and batch % splits:
-        raise ValueError(
-            f"num_batch_splits={splits} does not divide the batch size {batch}. "
-            "Choose a batch size that is a multiple of num_batch_splits (and "
-            "drop or pad a partial last batch)."
+    """Splits every tensor of `(x, y, sample_weight)` along the batch axis
+    into `splits` chunks whose sizes differ by at most one.
+
+    Returns a list of `((x, y, sample_weight), size / batch_size)`. Where the
+    batch size is known when tracing (JAX, torch, full batches on
+    TensorFlow) sizes are Python ints and empty chunks are left out; a
+    TensorFlow batch of unknown size (a partial last batch) is split at run
+    time, and a chunk that turns out empty has weight 0.
+    """
+    first = next(t for t in tree.flatten(data) if t is not None)
+    batch = first.shape[0]
+    static = batch is not None
+    if not static:
+        batch = ops.shape(first)[0]
+    base, remainder = batch // splits, batch % splits
+    chunks = []
+    for i in range(splits):
+        if static:
+            start, size = i * base + min(i, remainder), base + (i < remainder)
+            if not size:
+                continue
+            weight = size / batch
+        else:
+            start = i * base + ops.minimum(i, remainder)
+            size = base + ops.cast(ops.less(i, remainder), ops.dtype(base))
+            weight = ops.cast(size, "float32") / ops.cast(batch, "float32")
+        chunk = tree.map_structure(
+            lambda t, start=start, size=size: None if t is None else t[start : start + size],
+            data,
         )
-
-    def split(structure):
-        if structure is None:
-            return [None] * splits
-        leaves = [ops.split(t, splits, axis=0) for t in tree.flatten(structure)]
-        return [
-            tree.pack_sequence_as(structure, [parts[i] for parts in leaves])
-            for i in range(splits)
-        ]
-
-    return list(zip(*(split(part) for part in data)))
+        chunks.append((chunk, weight))
+    return chunks

@@ -9,6 +9,7 @@ forward-backward passes are run by `keras_ssam.SAMModel`.
 
 import contextlib
 import numbers
+import sys
 
 import keras
 from keras import ops
@@ -44,14 +45,17 @@ class SAM(keras.optimizers.Optimizer):
 
     Norms are global L2 norms over all trainable weights. The update is
     applied at `w`, never at `w + e`; `rho=0` is plain training with the base
-    optimizer. Use with `keras_ssam.SAMModel`, whose `train_step` runs the two
+    optimizer. A step whose `g_asc` is exactly zero while `g` is not (the
+    ascent saturated the loss) takes `g` instead: it would otherwise change
+    nothing. Use with `keras_ssam.SAMModel`, whose `train_step` runs the two
     passes.
 
     Args:
         base_optimizer: a `keras.optimizers.Optimizer` instance that makes the
             weight update (SGD, Adam, AdamW, ...), with its own clipping,
             weight decay, EMA and gradient accumulation settings.
-        rho: perturbation radius, a float >= 0, a
+        rho: perturbation radius (with `normalize=False` the radius is
+            `rho * ||T g||`, so rho is on another scale), a float >= 0, a
             `keras.optimizers.schedules.LearningRateSchedule`, or a callable
             of the iteration count (e.g. rho proportional to the learning
             rate, as in GSAM).
@@ -202,30 +206,32 @@ class SAM(keras.optimizers.Optimizer):
     ):
         """The gradient handed to the base optimizer, and diagnostics.
 
+        On a step where the perturbed gradient is exactly zero while the
+        clean one is not (the ascent saturated the loss), every variant's
+        update would be 0 and training would silently stop: that step
+        falls back to the clean gradient `g`, and the `clean_fallback`
+        diagnostic counts it.
+
         Args:
-            grads: the clean gradients, or `None` (unused: the update
-                depends on them only through `grad_norm`).
+            grads: the clean gradients at w (the fallback).
             perturbed_grads: gradients at `perturbed_weights` = w + e.
             perturbed_weights: w + e (only adaptive SAM reads them).
             grad_norm: `||T g||` as returned by `perturbation`.
             grad_scale: loss-scale factor the gradients carry, or `None`.
-            need_stats: also compute the perturbed norm when not `stable`.
+            need_stats: also return the diagnostics.
             norm_perturbed_grads: the gradients whose norm gamma uses, when
                 they differ from the ones it scales (under tf.distribute, the
                 all-reduced perturbed gradient, while each replica hands its
                 own share to the optimizer, which all-reduces it).
             overwrite_grads: the caller gives `perturbed_grads` up: on torch
-                SSAM rescales them in place.
+                the update is computed in their memory.
 
         Returns:
-            `(update_grads, stats)` where `stats` holds `perturbed_grad_norm`
-            and `renorm_factor` (1.0 when not stable), or is empty when neither
-            `stable` nor `need_stats`.
+            `(update_grads, stats)` where `stats` holds `perturbed_grad_norm`,
+            `renorm_factor` (1.0 when not stable) and `clean_fallback` (1.0
+            on a step that fell back to `g`), or is empty unless
+            `need_stats`.
         """
-        del grads
-        stats = {}
-        if not (self.stable or need_stats):
-            return list(perturbed_grads), stats
         perturbed_norm = sam_math.perturbed_grad_norm(
             perturbed_grads if norm_perturbed_grads is None else norm_perturbed_grads,
             perturbed_weights,
@@ -233,18 +239,28 @@ class SAM(keras.optimizers.Optimizer):
             eta=self.eta,
             grad_scale=grad_scale,
         )
-        stats["perturbed_grad_norm"] = perturbed_norm
-        if not self.stable:
-            stats["renorm_factor"] = ops.ones_like(perturbed_norm)
-            return list(perturbed_grads), stats
-        gamma = sam_math.renormalization_factor(
-            grad_norm,
-            perturbed_norm,
-            epsilon=self.epsilon,
-            max_scale=self.max_scale,
+        if self.stable:
+            gamma = sam_math.renormalization_factor(
+                grad_norm,
+                perturbed_norm,
+                epsilon=self.epsilon,
+                max_scale=self.max_scale,
+            )
+            update = sam_math.scale_gradients(perturbed_grads, gamma, overwrite=overwrite_grads)
+        else:
+            gamma = ops.ones_like(perturbed_norm)
+            update = list(perturbed_grads)
+        vanished = sam_math.perturbed_gradient_vanished(grad_norm, perturbed_norm)
+        update = sam_math.clean_gradient_fallback(
+            update, grads, vanished, overwrite=overwrite_grads
         )
-        stats["renorm_factor"] = gamma
-        return sam_math.scale_gradients(perturbed_grads, gamma, overwrite=overwrite_grads), stats
+        if not need_stats:
+            return update, {}
+        return update, {
+            "perturbed_grad_norm": perturbed_norm,
+            "renorm_factor": ops.where(vanished, ops.ones_like(gamma), gamma),
+            "clean_fallback": ops.cast(vanished, "float32"),
+        }
 
     @contextlib.contextmanager
     def sam_step(self):
@@ -275,13 +291,20 @@ class SAM(keras.optimizers.Optimizer):
 
     def build(self, var_list):
         # Keras builds the optimizer before the first step (and, on JAX,
-        # before it moves the variables into the step's state): refuse here,
-        # while the model is still intact.
+        # before it moves the variables into the step's state): refuse
+        # training here, while the model is still intact.
         if not (self._attached_to_sam_model or self._sam_step_depth):
-            raise RuntimeError(
-                f"{type(self).__name__} was compiled into a model that is not "
-                f"a keras_ssam.SAMModel. {_SAM_MODEL_HINT}"
-            )
+            if _called_from_training():
+                raise RuntimeError(
+                    f"{type(self).__name__} was compiled into a model that is "
+                    f"not a keras_ssam.SAMModel. {_SAM_MODEL_HINT}"
+                )
+            # JAX and torch also build it for `evaluate`, which a plain model
+            # may run: create the state, but stay unbuilt so that `fit`
+            # builds again, and refuses.
+            if not self.base_optimizer.built:
+                self.base_optimizer.build(var_list)
+            return
         self.base_optimizer.build(var_list)
         self.built = True
 
@@ -387,13 +410,15 @@ class SSAM(SAM):
     unnormalized ascent `e = rho * g`, then the perturbed gradient rescaled by
     `gamma = ||g|| / ||g_asc||`, so the descent step has the clean gradient's
     norm. `SSAM(..., normalize=True)` renormalizes the original SAM instead.
-    Arguments are those of `keras_ssam.SAM`.
+    Arguments are those of `keras_ssam.SAM`. The perturbation radius is
+    `rho * ||g||`: pick rho near the radius you want over a typical `||g||`
+    (the default, 0.05, is the authors' code's).
 
     Example:
 
     ```python
     optimizer = keras_ssam.SSAM(keras.optimizers.SGD(0.05, momentum=0.9),
-                                rho=0.05)
+                                rho=0.2)
     ```
     """
 
@@ -403,6 +428,23 @@ class SSAM(SAM):
         super().__init__(
             base_optimizer, rho, normalize=normalize, stable=stable, **kwargs
         )
+
+
+def _called_from_training():
+    """Whether a `keras.Model`'s `fit` or `train_on_batch` is on the stack.
+
+    Keras's trainers build the compiled optimizer from `fit`,
+    `train_on_batch` and (JAX, torch) `evaluate`/`test_on_batch`, through
+    the same private method; the caller is the one way to tell them apart.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name in ("fit", "train_on_batch") and isinstance(
+            frame.f_locals.get("self"), keras.Model
+        ):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def find_sam_optimizer(optimizer):

@@ -143,6 +143,27 @@ def renormalization_factor(grad_norm, perturbed_norm, *, epsilon=1e-12, max_scal
     return gamma
 
 
+def perturbed_gradient_vanished(grad_norm, perturbed_norm):
+    """Whether the gradient at `w + e` is exactly zero while the one at `w`
+    is not: a scalar boolean.
+
+    It happens when the ascent saturates the loss, e.g. a softmax output
+    whose probabilities all fall below the cross-entropy's clip at
+    `w + e`: every variant's update gradient (`g_asc`, or SSAM's
+    `gamma g_asc`) is then 0, and training would silently stop.
+    """
+    return ops.logical_and(ops.equal(perturbed_norm, 0), ops.greater(grad_norm, 0))
+
+
+def clean_gradient_fallback(update_grads, grads, vanished, overwrite=False):
+    """The clean gradient `g` where `vanished`, else the update gradient.
+
+    With `overwrite`, the caller gives `update_grads` up and torch selects
+    in place.
+    """
+    return (_kernels.where_ if overwrite else _kernels.where)(vanished, update_grads, grads)
+
+
 def scale_gradients(grads, factor, overwrite=False):
     """`factor * g` for each gradient that is not `None`.
 

@@ -13,7 +13,8 @@ adaptive (else 1), one step is (all norms global L2 over every weight):
     g_asc = gradient of the same batch loss at w + e
     gamma = ||T(w) g|| / (||T(w+e) g_asc|| + epsilon),
             then min(gamma, max_scale) if max_scale  (stable=True, SSAM)
-    w     <- base optimizer update of w with gamma * g_asc (or g_asc)
+    w     <- base optimizer update of w with gamma * g_asc (or g_asc),
+             or with g on a step where g_asc == 0 while g != 0
 
 Keras SGD (keras/src/optimizers/sgd.py, nesterov=False):
     v <- momentum * v - lr * grad;  w <- w + v       (momentum != 0)
@@ -159,7 +160,8 @@ def sam_step_gradient(loss_and_grads, params, x, t, config, ascent_at=None):
     Returns:
         `(update, info)`; `info` holds `loss`, `g`, `e`, `perturbed` (`w + e`),
         `g_asc`, `grad_norm`, `perturbed_norm`, `gamma_raw` (before
-        `max_scale`) and `gamma` (1 when not stable).
+        `max_scale`), `gamma` (1 when not stable) and `fallback` (the step
+        took the clean gradient `g`: `g_asc` is 0 while `g` is not).
     """
     loss, g = loss_and_grads(params, x, t)
     e, grad_norm = perturbation(params, g, config)
@@ -173,7 +175,13 @@ def sam_step_gradient(loss_and_grads, params, x, t, config, ascent_at=None):
         gamma_raw = grad_norm / (perturbed_norm + config.epsilon)
         gamma = gamma_raw if config.max_scale is None else min(gamma_raw, config.max_scale)
     update = [gamma * gi for gi in g_asc]
+    # A perturbed gradient that vanishes (the ascent saturated the loss)
+    # while the clean one does not: the step takes the clean gradient.
+    fallback = perturbed_norm == 0.0 and grad_norm > 0.0
+    if fallback:
+        update = list(g)
     info = dict(
+        fallback=fallback,
         loss=loss,
         g=g,
         e=e,

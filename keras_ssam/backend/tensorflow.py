@@ -1,9 +1,10 @@
 """SAM train step for the TensorFlow backend: `tf.GradientTape` passes."""
 
+import keras
 import tensorflow as tf
 from keras import tree
-from keras.src.losses import loss as loss_module
-from keras.src.trainers.data_adapters import data_adapter_utils
+
+from keras_ssam._keras_private import unscale_loss_for_distribution
 
 
 def _dense(grads):
@@ -27,22 +28,13 @@ def _replica_all_reduce():
     return context.num_replicas_in_sync, all_reduce
 
 
-def _check_divisible(data, splits):
-    """Batch sizes unknown when tracing (a partial last batch) are checked at
-    run time, before the split, with an error that names num_batch_splits."""
-    batch = tf.shape(next(t for t in tree.flatten(data) if t is not None))[0]
-    check = tf.debugging.Assert(
-        tf.equal(tf.math.floormod(batch, splits), 0),
-        [f"num_batch_splits={splits} does not divide the batch size", batch],
-    )
-    with tf.control_dependencies([check]):
-        return tree.map_structure(
-            lambda t: None if t is None else tf.identity(t), data
-        )
-
-
 def train_step(model, data):
-    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    if not model.built:
+        # Keras's TF trainer builds a model by its first batch only when it
+        # traces the step; the snapshots below need the variables first.
+        # Symbolic, so the built model runs no extra pass.
+        model(tree.map_structure(lambda t: keras.KerasTensor(t.shape, t.dtype), x))
     trainable = model.trainable_variables
     # Snapshot the pre-step state for the perturbed pass; automatic control
     # dependencies order these reads before the clean pass's assignments.
@@ -57,7 +49,7 @@ def train_step(model, data):
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
         )
         model._loss_tracker.update_state(
-            loss_module.unscale_loss_for_distribution(loss),
+            unscale_loss_for_distribution(loss),
             sample_weight=tf.shape(next(i for i in tree.flatten(x) if i is not None))[0],
         )
         scaled = model.optimizer.scale_loss(loss)
@@ -74,17 +66,14 @@ def train_step(model, data):
                 values, non_trainable_before, metrics_before, x, y, sample_weight
             )
             scaled = model.optimizer.scale_loss(loss)
-        unscaled = loss_module.unscale_loss_for_distribution(loss)
+        unscaled = unscale_loss_for_distribution(loss)
         return unscaled, _dense(tape.gradient(scaled, values))
-
-    if model.num_batch_splits > 1:
-        x, y, sample_weight = _check_divisible((x, y, sample_weight), model.num_batch_splits)
 
     # Under tf.distribute this runs per replica, on gradients that are the
     # replica's share of the global one (losses carry 1 / replicas).
     replica_count, all_reduce = _replica_all_reduce()
     update, stats = model.sam_update_gradients(
-        grads, weights, loss_module.unscale_loss_for_distribution(loss),
+        grads, weights, unscale_loss_for_distribution(loss),
         stateless_gradient, x, y, sample_weight,
         replica_count=replica_count, all_reduce=all_reduce,
     )

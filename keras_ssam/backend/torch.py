@@ -6,9 +6,9 @@ generator from where the clean pass started, and the step leaves it where the
 clean pass left it: all passes see the same dropout mask.
 """
 
+import keras
 import torch
 from keras import tree
-from keras.src.trainers.data_adapters import data_adapter_utils
 
 
 def _rng_state():
@@ -43,7 +43,7 @@ def _check_single_process():
 
 def train_step(model, data):
     _check_single_process()
-    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     trainable = model.trainable_variables
     weights = [v.value for v in trainable]
     with torch.no_grad():
