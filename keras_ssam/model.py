@@ -182,7 +182,7 @@ class SAMModel(keras.Model):
         """The compiled SAM optimizer (inside any LossScaleOptimizer)."""
         return find_sam_optimizer(self.optimizer)
 
-    def loss_scale(self):
+    def _loss_scale(self):
         """Factor the training loss is multiplied by before differentiation
         (mixed-precision loss scale, static `loss_scale_factor`), or `None`."""
         scale = self.optimizer.scale_loss(1.0)
@@ -203,7 +203,7 @@ class SAMModel(keras.Model):
             return _without_diagnostics(logs), state
         return _without_diagnostics(result)
 
-    def sam_update_gradients(
+    def _sam_update_gradients(
         self,
         grads,
         weights,
@@ -237,7 +237,7 @@ class SAMModel(keras.Model):
             `(update_gradients, stats)`; `stats` is empty unless diagnostics.
         """
         sam = self.sam_optimizer()
-        grad_scale = self.loss_scale()
+        grad_scale = self._loss_scale()
         local = self.perturbation_scope == "local"
         reduce = None
         if replica_count > 1:
@@ -298,12 +298,12 @@ class SAMModel(keras.Model):
             stats["sharpness"] = ops.cast(perturbed_loss, "float32") - ops.cast(clean_loss, "float32")
         return update, stats
 
-    def update_diagnostics(self, stats):
+    def _update_diagnostics(self, stats):
         """Adds one step's diagnostics to their running means (stateful)."""
         for metric in self._diagnostic_metrics:
             metric.update_state(stats[metric.name])
 
-    def stateless_training_loss(
+    def _stateless_training_loss(
         self, trainable_values, non_trainable_values, metrics_values, x, y, sample_weight
     ):
         """Unscaled training loss at the given values; writes nothing.

@@ -263,7 +263,7 @@ class SAM(keras.optimizers.Optimizer):
         }
 
     @contextlib.contextmanager
-    def sam_step(self):
+    def _sam_step(self):
         """Marks an `apply` as the end of a two-pass SAM step.
 
         `SAMModel` applies the sharpness-aware gradient inside this context;

@@ -23,7 +23,7 @@ def train_step(model, state, data):
     def scaled_loss(values, x, y, sample_weight):
         # Always from the pre-step state: the perturbed pass sees the clean
         # pass's dropout noise and BatchNorm statistics.
-        loss, y_pred, new_non_trainable, new_metrics = model.stateless_training_loss(
+        loss, y_pred, new_non_trainable, new_metrics = model._stateless_training_loss(
             values, non_trainable, metrics_values, x, y, sample_weight
         )
         with StatelessScope(state_mapping=optimizer_mapping):
@@ -42,20 +42,20 @@ def train_step(model, state, data):
         trainable, x, y, sample_weight
     )
     with StatelessScope(state_mapping=optimizer_mapping):
-        update, stats = model.sam_update_gradients(
+        update, stats = model._sam_update_gradients(
             grads, trainable, loss, stateless_gradient, x, y, sample_weight,
             batch_shards=_batch_shards(),
         )
         sam = model.sam_optimizer()
 
-    with sam.sam_step():
+    with sam._sam_step():
         trainable, optimizer_values = model.optimizer.stateless_apply(
             optimizer_values, update, trainable
         )
     if stats:
         mapping = list(zip(model.metrics_variables, new_metrics))
         with StatelessScope(state_mapping=mapping) as scope:
-            model.update_diagnostics(stats)
+            model._update_diagnostics(stats)
         new_metrics = [
             scope.get_current_value(v) if scope.get_current_value(v) is not None else old
             for v, old in zip(model.metrics_variables, new_metrics)

@@ -62,7 +62,7 @@ def train_step(model, data):
         # Nothing computed here is written: the perturbed pass leaves no trace.
         with tf.GradientTape() as tape:
             tape.watch(values)
-            loss, _, _, _ = model.stateless_training_loss(
+            loss, _, _, _ = model._stateless_training_loss(
                 values, non_trainable_before, metrics_before, x, y, sample_weight
             )
             scaled = model.optimizer.scale_loss(loss)
@@ -72,14 +72,14 @@ def train_step(model, data):
     # Under tf.distribute this runs per replica, on gradients that are the
     # replica's share of the global one (losses carry 1 / replicas).
     replica_count, all_reduce = _replica_all_reduce()
-    update, stats = model.sam_update_gradients(
+    update, stats = model._sam_update_gradients(
         grads, weights, unscale_loss_for_distribution(loss),
         stateless_gradient, x, y, sample_weight,
         replica_count=replica_count, all_reduce=all_reduce,
     )
     sam = model.sam_optimizer()
-    with sam.sam_step():
+    with sam._sam_step():
         model.optimizer.apply(update, trainable)
     if stats:
-        model.update_diagnostics(stats)
+        model._update_diagnostics(stats)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

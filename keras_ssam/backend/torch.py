@@ -72,7 +72,7 @@ def train_step(model, data):
         with torch.enable_grad():
             values = [v.detach().requires_grad_(True) for v in values]
             _set_rng_state(rng_before)
-            loss, _, _, _ = model.stateless_training_loss(
+            loss, _, _, _ = model._stateless_training_loss(
                 values, non_trainable_before, metrics_values, x, y, sample_weight
             )
             grads = torch.autograd.grad(
@@ -82,7 +82,7 @@ def train_step(model, data):
 
     try:
         with torch.no_grad():
-            update, stats = model.sam_update_gradients(
+            update, stats = model._sam_update_gradients(
                 grads, [w.detach() for w in weights], loss.detach(),
                 stateless_gradient, x, y, sample_weight,
             )
@@ -90,9 +90,9 @@ def train_step(model, data):
         _set_rng_state(rng_after)
     sam = model.sam_optimizer()
     with torch.no_grad():
-        with sam.sam_step():
+        with sam._sam_step():
             model.optimizer.apply(update, trainable)
         if stats:
-            model.update_diagnostics(stats)
+            model._update_diagnostics(stats)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
