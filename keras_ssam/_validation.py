@@ -5,8 +5,9 @@ import math
 import numbers
 
 
-def check_number(name, value, *, minimum, allow_equal=True, allow_none=False):
-    """A finite real (not a bool) >= `minimum` (> when not `allow_equal`)."""
+def check_number(name, value, *, minimum, maximum=None, allow_equal=True, allow_none=False):
+    """A finite real (not a bool) >= `minimum` (> when not `allow_equal`),
+    and <= `maximum` if given."""
     if value is None and allow_none:
         return
     ok = (
@@ -14,9 +15,12 @@ def check_number(name, value, *, minimum, allow_equal=True, allow_none=False):
         and not isinstance(value, bool)
         and math.isfinite(value)
         and (value >= minimum if allow_equal else value > minimum)
+        and (maximum is None or value <= maximum)
     )
     if not ok:
         bound = f">= {minimum}" if allow_equal else f"> {minimum}"
+        if maximum is not None:
+            bound += f" and <= {maximum}"
         extra = " or None" if allow_none else ""
         raise ValueError(
             f"Argument `{name}` must be a finite number {bound}{extra}. "

@@ -19,6 +19,7 @@ DIAGNOSTICS = (
     "renorm_factor",
     "sharpness",
     "clean_fallback",
+    "sam_step_fraction",
 )
 
 _STEP_MODULES = {
@@ -237,6 +238,41 @@ class SAMModel(keras.Model):
             `(update_gradients, stats)`; `stats` is empty unless diagnostics.
         """
         sam = self.sam_optimizer()
+        runs = sam._runs_perturbed_pass()
+        own_state = sam._state_variables()
+
+        def perturbed():
+            return self._perturbed_update(
+                sam, grads, weights, clean_loss, stateless_gradient, x, y, sample_weight,
+                replica_count=replica_count, all_reduce=all_reduce, batch_shards=batch_shards,
+            )
+
+        def skipped():
+            stats = {}
+            if self.diagnostics:
+                stats = {k: ops.zeros((), "float32") for k in DIAGNOSTICS if k != "sam_step_fraction"}
+            return sam.skipped_update(grads), stats, [ops.convert_to_tensor(v.value) for v in own_state]
+
+        if runs is True:
+            update, stats, state = perturbed()
+        elif runs is False:
+            update, stats, state = skipped()
+        else:
+            # A compiled conditional on TensorFlow and JAX, a Python `if` on
+            # torch: a skipped step runs no perturbed pass at all.
+            update, stats, state = _cond(runs, perturbed, skipped, [g is None for g in grads])
+        for variable, value in zip(own_state, state):
+            variable.assign(value)
+        if self.diagnostics:
+            stats["sam_step_fraction"] = ops.cast(runs, "float32")
+        return update, stats
+
+    def _perturbed_update(
+        self, sam, grads, weights, clean_loss, stateless_gradient, x, y, sample_weight,
+        *, replica_count, all_reduce, batch_shards,
+    ):
+        """The step with the perturbed pass: `(update, stats, state)`, with
+        `state` the new values of the SAM optimizer's own variables."""
         grad_scale = self._loss_scale()
         local = self.perturbation_scope == "local"
         reduce = None
@@ -247,6 +283,14 @@ class SAMModel(keras.Model):
             else:
                 reduce = all_reduce
         splits = self.num_batch_splits * (batch_shards if local else 1)
+        if sam._state_variables() and (splits > 1 or replica_count > 1):
+            raise NotImplementedError(
+                f"{type(sam).__name__} keeps a direction between steps and "
+                "supports neither num_batch_splits > 1, the local perturbation "
+                "scope over several shards, nor tf.distribute with several "
+                f"replicas yet. Received: num_batch_splits={self.num_batch_splits}, "
+                f"perturbation_scope={self.perturbation_scope!r}, replicas={replica_count}."
+            )
         if splits == 1:
             return self._one_sam_update(
                 sam, grads, weights, clean_loss, grad_scale, reduce,
@@ -256,7 +300,7 @@ class SAMModel(keras.Model):
         total_update, total_stats = None, None
         for (cx, cy, csw), weight in _split_batch((x, y, sample_weight), splits):
             chunk_loss, chunk_grads = stateless_gradient(weights, cx, cy, csw)
-            update, chunk_stats = self._one_sam_update(
+            update, chunk_stats, _ = self._one_sam_update(
                 sam, chunk_grads, weights, chunk_loss, grad_scale, reduce,
                 lambda values, cx=cx, cy=cy, csw=csw: stateless_gradient(values, cx, cy, csw),
             )
@@ -269,7 +313,7 @@ class SAMModel(keras.Model):
                 None if t is None else t + u for t, u in zip(total_update, update)
             ]
             total_stats = {k: total_stats[k] + v for k, v in chunk_stats.items()}
-        return total_update, total_stats
+        return total_update, total_stats, []
 
     def _one_sam_update(self, sam, grads, weights, clean_loss, grad_scale, reduce, gradient_at):
         # With `reduce` (global scope over replicas) e and gamma come from the
@@ -283,6 +327,7 @@ class SAMModel(keras.Model):
         perturbed = _kernels.add_(perturbations, weights)
         del perturbations
         perturbed_loss, perturbed_grads = gradient_at(perturbed)
+        state = sam._perturbed_step_state(grads, perturbed_grads, grad_norm)
         if not sam.adaptive:
             perturbed = None  # only T(w + e) reads it: free it before the update
         norm_grads = None if reduce is None else reduce(perturbed_grads)
@@ -296,12 +341,19 @@ class SAMModel(keras.Model):
         if self.diagnostics:
             stats["grad_norm"] = grad_norm
             stats["sharpness"] = ops.cast(perturbed_loss, "float32") - ops.cast(clean_loss, "float32")
-        return update, stats
+            stats = {k: ops.cast(v, "float32") for k, v in stats.items()}
+        return update, stats, state
 
     def _update_diagnostics(self, stats):
-        """Adds one step's diagnostics to their running means (stateful)."""
+        """Adds one step's diagnostics to their running means (stateful):
+        `sam_step_fraction` over every step, the others over the steps that
+        ran the perturbed pass."""
+        weight = stats["sam_step_fraction"]
         for metric in self._diagnostic_metrics:
-            metric.update_state(stats[metric.name])
+            if metric.name == "sam_step_fraction":
+                metric.update_state(weight)
+            else:
+                metric.update_state(stats[metric.name], sample_weight=weight)
 
     def _stateless_training_loss(
         self, trainable_values, non_trainable_values, metrics_values, x, y, sample_weight
@@ -365,6 +417,22 @@ class SAMModel(keras.Model):
 
 def _without_diagnostics(logs):
     return {k: v for k, v in logs.items() if k not in DIAGNOSTICS}
+
+
+def _cond(pred, true_fn, false_fn, missing):
+    """`ops.cond` over `(update, stats, state)` whose `update` list has
+    `None` where `missing` is true (conditionals take tensors only)."""
+
+    def present(fn):
+        def branch():
+            update, stats, state = fn()
+            return [u for u in update if u is not None], stats, state
+
+        return branch
+
+    update, stats, state = ops.cond(pred, present(true_fn), present(false_fn))
+    update = iter(update)
+    return [None if m else next(update) for m in missing], stats, list(state)
 
 
 def _weighted(value, weight):

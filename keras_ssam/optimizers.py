@@ -9,13 +9,15 @@ forward-backward passes are run by `keras_ssam.SAMModel`.
 
 import contextlib
 import numbers
+import random
 import sys
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_ssam import sam_math
-from keras_ssam._validation import check_number
+from keras_ssam._validation import check_int, check_number
 
 _SAM_MODEL_HINT = (
     "SAM optimizers need the gradient at a perturbed point, which only "
@@ -28,6 +30,42 @@ def _is_rho_schedule(rho):
     return isinstance(
         rho, keras.optimizers.schedules.LearningRateSchedule
     ) or (callable(rho) and not isinstance(rho, numbers.Real))
+
+
+_DRAW_TABLE_SIZE = 1 << 16
+
+
+def _draw_table(seed):
+    return np.random.default_rng(seed).random(_DRAW_TABLE_SIZE, dtype=np.float32)
+
+
+def sam_step_draws(seed, iterations):
+    """The uniform draws `u_t` that decide which steps run the perturbed pass.
+
+    A step at iteration `t` runs it iff `u_t < sam_probability(t)`. With `T`
+    a table of 2^16 float32 uniforms drawn once from `seed` (NumPy's
+    default generator), `u_t = frac(T[t mod 2^16] + T[(t // 2^16) mod 2^16])`
+    in float32: the same numbers on every backend and every replica, a
+    function of `(seed, t)` only (so a resumed run continues the pattern),
+    with period 2^32.
+
+    Args:
+        seed: the optimizer's `seed`.
+        iterations: an int or an array of iteration counts.
+
+    Returns:
+        float32 NumPy array of `u_t`, the shape of `iterations`.
+    """
+    table = _draw_table(seed)
+    t = np.asarray(iterations, np.int64)
+    s = table[t % _DRAW_TABLE_SIZE] + table[(t // _DRAW_TABLE_SIZE) % _DRAW_TABLE_SIZE]
+    return (s - np.floor(s)).astype(np.float32)
+
+
+def _check_sam_probability(value):
+    if _is_rho_schedule(value):
+        return
+    check_number("sam_probability", value, minimum=0.0, maximum=1.0)
 
 
 @keras.saving.register_keras_serializable(package="keras_ssam")
@@ -95,6 +133,8 @@ class SAM(keras.optimizers.Optimizer):
         eta=0.0,
         max_scale=None,
         epsilon=1e-12,
+        sam_probability=1.0,
+        seed=None,
         name=None,
     ):
         if isinstance(base_optimizer, SAM):
@@ -135,6 +175,9 @@ class SAM(keras.optimizers.Optimizer):
                 "only applies with stable=True. Received: "
                 f"max_scale={max_scale!r}, stable={stable!r}"
             )
+        _check_sam_probability(sam_probability)
+        if seed is not None:
+            check_int("seed", seed, 0)
         for flag_name, flag in (
             ("normalize", normalize),
             ("stable", stable),
@@ -154,6 +197,11 @@ class SAM(keras.optimizers.Optimizer):
         self.eta = eta
         self.max_scale = max_scale
         self.epsilon = epsilon
+        self.sam_probability = sam_probability
+        # Like keras.random.SeedGenerator: from Python's `random`, which
+        # keras.utils.set_random_seed seeds. Saved, so draws resume exactly.
+        self.seed = random.randint(1, 10**9) if seed is None else int(seed)
+        self._draws = None
         self._sam_step_depth = 0
         # Set by SAMModel when compiled with this optimizer.
         self._attached_to_sam_model = False
@@ -167,6 +215,46 @@ class SAM(keras.optimizers.Optimizer):
         # A float step, so callables like `lambda step: 0.1 * (step + 1)` work
         # on TensorFlow too, where `iterations` is an int64 tensor.
         return ops.cast(self.rho(ops.cast(self.iterations, "float32")), "float32")
+
+    def _always_perturbed(self):
+        """Whether every step runs the perturbed pass, known when tracing."""
+        p = self.sam_probability
+        return isinstance(p, numbers.Real) and p >= 1
+
+    def _runs_perturbed_pass(self):
+        """Whether this step runs the perturbed pass: `True` or `False` when
+        known when tracing, else a scalar boolean tensor (`u_t < p_t`, see
+        `sam_step_draws`)."""
+        p = self.sam_probability
+        if isinstance(p, numbers.Real):
+            if p >= 1:
+                return True
+            if p <= 0:
+                return False
+            probability = p
+        else:
+            probability = ops.cast(p(ops.cast(self.iterations, "float32")), "float32")
+        if self._draws is None or keras.backend.backend() == "tensorflow":
+            # A graph constant on TensorFlow; one tensor otherwise.
+            self._draws = ops.convert_to_tensor(_draw_table(self.seed))
+        t = ops.cast(self.iterations, "int32" if keras.backend.backend() == "jax" else "int64")
+        s = ops.take(self._draws, t % _DRAW_TABLE_SIZE) + ops.take(
+            self._draws, (t // _DRAW_TABLE_SIZE) % _DRAW_TABLE_SIZE
+        )
+        return ops.less(s - ops.floor(s), probability)
+
+    def skipped_update(self, grads):
+        """The gradient handed to the base optimizer on a step without the
+        perturbed pass: the clean gradient."""
+        return list(grads)
+
+    def _perturbed_step_state(self, grads, perturbed_grads, grad_norm):
+        """New values of this optimizer's own variables after a perturbed
+        pass (in the order of `_state_variables`); none for SAM."""
+        return []
+
+    def _state_variables(self):
+        return []
 
     def perturbation(self, grads, weights, grad_scale=None, overwrite_grads=False):
         """The ascent step `e` for each weight, and `||T g||`.
@@ -287,7 +375,7 @@ class SAM(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
-        return self.base_optimizer.variables
+        return self.base_optimizer.variables + self._state_variables()
 
     def build(self, var_list):
         # Keras builds the optimizer before the first step (and, on JAX,
@@ -304,9 +392,15 @@ class SAM(keras.optimizers.Optimizer):
             # builds again, and refuses.
             if not self.base_optimizer.built:
                 self.base_optimizer.build(var_list)
+            self._build_state(var_list)
             return
         self.base_optimizer.build(var_list)
+        self._build_state(var_list)
         self.built = True
+
+    def _build_state(self, var_list):
+        """Creates this optimizer's own variables (see `_state_variables`),
+        once."""
 
     def apply(self, grads, trainable_variables=None):
         self._check_in_sam_step()
@@ -315,9 +409,13 @@ class SAM(keras.optimizers.Optimizer):
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         self._check_in_sam_step()
-        return self.base_optimizer.stateless_apply(
-            optimizer_variables, grads, trainable_variables
+        # The base optimizer's variables come first; this optimizer's own
+        # (already updated by the step) pass through.
+        count = len(self.base_optimizer.variables)
+        trainable_variables, base_values = self.base_optimizer.stateless_apply(
+            optimizer_variables[:count], grads, trainable_variables
         )
+        return trainable_variables, list(base_values) + list(optimizer_variables[count:])
 
     def finalize_variable_values(self, var_list):
         self.base_optimizer.finalize_variable_values(var_list)
@@ -353,9 +451,10 @@ class SAM(keras.optimizers.Optimizer):
         return self.base_optimizer.iterations
 
     def get_config(self):
-        rho = self.rho
-        if not isinstance(rho, numbers.Real):
-            rho = keras.saving.serialize_keras_object(rho)
+        rho, sam_probability = (
+            v if isinstance(v, numbers.Real) else keras.saving.serialize_keras_object(v)
+            for v in (self.rho, self.sam_probability)
+        )
         return {
             "name": self.name,
             "base_optimizer": keras.saving.serialize_keras_object(
@@ -368,6 +467,8 @@ class SAM(keras.optimizers.Optimizer):
             "eta": self.eta,
             "max_scale": self.max_scale,
             "epsilon": self.epsilon,
+            "sam_probability": sam_probability,
+            "seed": self.seed,
         }
 
     @classmethod
@@ -376,10 +477,11 @@ class SAM(keras.optimizers.Optimizer):
         config["base_optimizer"] = keras.saving.deserialize_keras_object(
             config["base_optimizer"], custom_objects=custom_objects
         )
-        if isinstance(config.get("rho"), dict):
-            config["rho"] = keras.saving.deserialize_keras_object(
-                config["rho"], custom_objects=custom_objects
-            )
+        for key in ("rho", "sam_probability"):
+            if isinstance(config.get(key), dict):
+                config[key] = keras.saving.deserialize_keras_object(
+                    config[key], custom_objects=custom_objects
+                )
         return cls(**config)
 
 

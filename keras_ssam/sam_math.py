@@ -170,3 +170,72 @@ def scale_gradients(grads, factor, overwrite=False):
     With `overwrite`, the caller gives `grads` up and torch scales in place.
     """
     return _scale_list(grads, factor, overwrite=overwrite)
+
+
+def _dot(a, b):
+    """`<a, b>` over the pairs where both are present, in float32."""
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if not pairs:
+        return ops.zeros((), "float32")
+    dtype = _norm_dtype([x for x, _ in pairs])
+    return sum(ops.sum(ops.cast(x, dtype) * ops.cast(y, dtype)) for x, y in pairs)
+
+
+def _per_tensor_or_global(fn, *tensor_lists, layerwise):
+    """`fn` of each tensor (tuple) when `layerwise`, else of the whole lists,
+    repeated for each tensor."""
+    if layerwise:
+        return [
+            None if ts[0] is None else fn(*[[t] for t in ts]) for ts in zip(*tensor_lists)
+        ]
+    value = fn(*tensor_lists)
+    return [value] * len(tensor_lists[0])
+
+
+def orthogonal_component(grads, perturbed_grads, *, layerwise=False):
+    """LookSAM's stored direction (Liu et al., "Towards Efficient and Scalable
+    Sharpness-Aware Minimization", CVPR 2022, Algorithm 1):
+
+        g_v = g_s - (<g, g_s> / ||g||^2) g
+
+    the part of the SAM gradient `g_s` orthogonal to the clean gradient `g`,
+    with the inner product and norm over all weights, or per weight tensor
+    when `layerwise` (the paper's large-batch variant). Where `g` is 0,
+    `g_v = g_s`.
+    """
+
+    def coefficient(g, g_s):
+        return safe_divide(_dot(g, g_s), _dot(g, g), ops.zeros((), "float32"))
+
+    coefficients = _per_tensor_or_global(coefficient, grads, perturbed_grads, layerwise=layerwise)
+    return [
+        None if g_s is None else g_s - ops.cast(c, ops.dtype(g_s)) * g
+        for g, g_s, c in zip(grads, perturbed_grads, coefficients)
+    ]
+
+
+def reuse_orthogonal_component(grads, orthogonal, alpha, *, layerwise=False):
+    """LookSAM's gradient on a step without the perturbed pass (Liu et al.
+    2022, Algorithm 1):
+
+        g + alpha (||g|| / ||g_v||) g_v
+
+    with norms over all weights, or per weight tensor when `layerwise`; a
+    `g_v` of norm 0 adds nothing.
+    """
+
+    def coefficient(g, g_v):
+        zero = ops.zeros((), "float32")
+        return alpha * safe_divide(global_norm(g), global_norm(g_v), zero)
+
+    coefficients = _per_tensor_or_global(coefficient, grads, orthogonal, layerwise=layerwise)
+    return [
+        None if g is None else g + ops.cast(c, ops.dtype(g)) * g_v
+        for g, g_v, c in zip(grads, orthogonal, coefficients)
+    ]
+
+
+def rescale_to_norm(tensors, norm):
+    """`tensors * norm / ||tensors||` (unchanged where their norm is 0)."""
+    factor = safe_divide(norm, global_norm(tensors), ops.ones_like(norm))
+    return _kernels.scale(tensors, factor)

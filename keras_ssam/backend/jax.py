@@ -41,12 +41,18 @@ def train_step(model, state, data):
     (_, (loss, y_pred, new_non_trainable, new_metrics)), grads = grad_fn(
         trainable, x, y, sample_weight
     )
-    with StatelessScope(state_mapping=optimizer_mapping):
+    with StatelessScope(state_mapping=optimizer_mapping) as scope:
         update, stats = model._sam_update_gradients(
             grads, trainable, loss, stateless_gradient, x, y, sample_weight,
             batch_shards=_batch_shards(),
         )
         sam = model.sam_optimizer()
+    # The SAM optimizer's own variables (LookSAM's stored direction) were
+    # assigned in the scope.
+    optimizer_values = [
+        value if scope.get_current_value(v) is None else scope.get_current_value(v)
+        for v, value in zip(model.optimizer.variables, optimizer_values)
+    ]
 
     with sam._sam_step():
         trainable, optimizer_values = model.optimizer.stateless_apply(

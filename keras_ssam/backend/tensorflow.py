@@ -54,7 +54,9 @@ def train_step(model, data):
         )
         scaled = model.optimizer.scale_loss(loss)
     grads = None
-    if model.num_batch_splits == 1:
+    # With batch splits the chunks' gradients replace it, unless some steps
+    # skip the perturbed pass and take it.
+    if model.num_batch_splits == 1 or not model.sam_optimizer()._always_perturbed():
         grads = _dense(tape.gradient(scaled, trainable))
     del tape
 
@@ -72,6 +74,10 @@ def train_step(model, data):
     # Under tf.distribute this runs per replica, on gradients that are the
     # replica's share of the global one (losses carry 1 / replicas).
     replica_count, all_reduce = _replica_all_reduce()
+    if not model.optimizer.built:
+        # Keras's TF trainer builds the optimizer in its first `apply`; the
+        # step reads the SAM optimizer's own variables (LookSAM) before.
+        model.optimizer.build(trainable)
     update, stats = model._sam_update_gradients(
         grads, weights, unscale_loss_for_distribution(loss),
         stateless_gradient, x, y, sample_weight,

@@ -60,7 +60,9 @@ def train_step(model, data):
         loss, sample_weight=next(i for i in tree.flatten(x) if i is not None).shape[0]
     )
     grads = None
-    if model.num_batch_splits == 1:
+    # With batch splits the chunks' gradients replace it, unless some steps
+    # skip the perturbed pass and take it.
+    if model.num_batch_splits == 1 or not model.sam_optimizer()._always_perturbed():
         grads = torch.autograd.grad(
             model.optimizer.scale_loss(loss), weights, allow_unused=True
         )
