@@ -410,12 +410,15 @@ class SAM(keras.optimizers.Optimizer):
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         self._check_in_sam_step()
         # The base optimizer's variables come first; this optimizer's own
-        # (already updated by the step) pass through.
+        # (already updated by the step) pass through. LossScaleOptimizer
+        # hands over the variables themselves inside a StatelessScope: read
+        # them there.
         count = len(self.base_optimizer.variables)
         trainable_variables, base_values = self.base_optimizer.stateless_apply(
             optimizer_variables[:count], grads, trainable_variables
         )
-        return trainable_variables, list(base_values) + list(optimizer_variables[count:])
+        own_values = [ops.convert_to_tensor(v) for v in optimizer_variables[count:]]
+        return trainable_variables, list(base_values) + own_values
 
     def finalize_variable_values(self, var_list):
         self.base_optimizer.finalize_variable_values(var_list)
