@@ -41,6 +41,7 @@ from test_features import (
     _problem,
     _sam_model,
     _weights,
+    chunked_sam_reference,
     linear_mse,
 )
 
@@ -510,6 +511,37 @@ def test_probability_draw_across_the_table_wrap():
     rest, records = run(ref, want[-1], batches[1:], base)
     assert [r["perturbed"] for r in records] == mask
     _check_trajectory(first + got, want + rest)
+
+
+def test_probability_with_num_batch_splits():
+    """SAM(p=0.6, seed=5) with num_batch_splits=2, 8 steps: on the drawn
+    steps each half-batch its own SAM gradient (m-sharpness, as
+    `test_features.chunked_sam_reference`), on the others the clean
+    gradient of the whole batch."""
+    rho, lr, seed = 0.3, 0.1, 5
+    x, y, params = _problem(n=16, d_in=3, d_out=2, seed=34)
+    batches = _batches(x, y, 4, epochs=2)
+    mask = (step_draws(seed, range(8)) < 0.6).tolist()
+    assert 0 < sum(mask) < 8, "setup"
+    opt = keras_ssam.SAM(keras.optimizers.SGD(lr, momentum=0.9), rho=rho, sam_probability=0.6, seed=seed)
+    model, inner = _sam_model(params, opt, diagnostics=True, num_batch_splits=2)
+    got, logs = _train_steps(model, inner, batches)
+    assert [log["sam_step_fraction"] for log in logs] == [float(m) for m in mask]
+
+    base, w, want = NumpyOptimizer(lr, momentum=0.9), params, []
+    for t, (xb, yb) in enumerate(batches):
+        if mask[t]:
+            rec = chunked_sam_reference(w, xb, yb, rho, 2, normalize=True, stable=False)
+            np.testing.assert_allclose(logs[t]["grad_norm"], rec["grad_norm"], rtol=1e-4, err_msg=f"step {t}")
+            update = rec["update"]
+        else:
+            update = linear_mse(w, xb, yb)[1]
+        w = base.apply(w, update)
+        want.append(w)
+    _check_trajectory(got, want)
+    whole, _ = run(EfficientSAM(linear_mse, rho=rho, probability=0.6, seed=seed), params, batches,
+                   NumpyOptimizer(lr, momentum=0.9))
+    _assert_differs(whole[-1], want[-1], 1e-5, "no batch splitting")
 
 
 def test_probability_callable():
