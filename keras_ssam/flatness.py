@@ -42,8 +42,6 @@ References:
         two estimators applied to neural networks.
 """
 
-import functools
-import importlib
 import math
 import numbers
 import weakref
@@ -54,6 +52,7 @@ from keras import ops
 from keras import tree
 
 from keras_ssam._validation import check_int, check_number
+from keras_ssam.backend import backend_module
 
 __all__ = ["hessian_top_eigenvalue", "hessian_trace"]
 
@@ -159,24 +158,6 @@ def _resolve_loss(model, loss):
 # Gradient and Hessian-vector product of the batch loss at given weight
 # values; the backend's mechanics are in keras_ssam/backend/*_hessian.py.
 
-_HESSIAN_MODULES = {
-    "tensorflow": "keras_ssam.backend.tensorflow_hessian",
-    "jax": "keras_ssam.backend.jax_hessian",
-    "torch": "keras_ssam.backend.torch_hessian",
-}
-
-
-@functools.cache
-def _hessian_module():
-    name = keras.backend.backend()
-    if name not in _HESSIAN_MODULES:
-        raise NotImplementedError(
-            "keras_ssam.flatness supports the tensorflow, jax and torch "
-            f"backends; KERAS_BACKEND is {name!r}."
-        )
-    return importlib.import_module(_HESSIAN_MODULES[name])
-
-
 def _batch_loss(model, loss_fn, include_regularization, trainable, non_trainable, x, y):
     if include_regularization:
         y_pred, _, losses = model.stateless_call(
@@ -216,7 +197,7 @@ def _cached_function(kind, model, loss_fn, include_regularization):
     tensor per trainable weight and write nothing to the model."""
 
     def make():
-        module = _hessian_module()
+        module = backend_module("_hessian", "keras_ssam.flatness")
         build = module.gradient_function if kind == "gradient" else module.hvp_function
         return build(_loss_function(model, loss_fn, include_regularization))
 

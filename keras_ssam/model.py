@@ -1,8 +1,6 @@
 """`SAMModel`: a `keras.Model` whose `train_step` runs SAM's two passes."""
 
 import copy
-import functools
-import importlib
 
 import keras
 from keras import ops
@@ -10,6 +8,7 @@ from keras import tree
 
 from keras_ssam import _kernels
 from keras_ssam._validation import check_int
+from keras_ssam.backend import backend_module
 from keras_ssam.optimizers import find_sam_optimizer
 
 PERTURBATION_SCOPES = ("global", "local")
@@ -21,24 +20,6 @@ DIAGNOSTICS = (
     "clean_fallback",
     "sam_step_fraction",
 )
-
-_STEP_MODULES = {
-    "tensorflow": "keras_ssam.backend.tensorflow",
-    "jax": "keras_ssam.backend.jax",
-    "torch": "keras_ssam.backend.torch",
-}
-
-
-@functools.cache
-def _step_module():
-    name = keras.backend.backend()
-    if name not in _STEP_MODULES:
-        raise NotImplementedError(
-            f"keras_ssam supports the tensorflow, jax and torch backends; "
-            f"KERAS_BACKEND is {name!r}."
-        )
-    return importlib.import_module(_STEP_MODULES[name])
-
 
 @keras.saving.register_keras_serializable(package="keras_ssam")
 class SAMModel(keras.Model):
@@ -192,7 +173,7 @@ class SAMModel(keras.Model):
         return scale
 
     def train_step(self, *args):
-        return _step_module().train_step(self, *args)
+        return backend_module("", "keras_ssam").train_step(self, *args)
 
     def test_step(self, *args):
         # Diagnostics describe training steps only; keep them out of evaluate.

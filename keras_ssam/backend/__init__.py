@@ -1,7 +1,28 @@
-"""One module per Keras backend with only that backend's two-pass mechanics.
+"""One module per Keras backend with only that backend's mechanics.
 
-Each exposes `train_step(model, ...)` with the signature of the backend's
-stock `Model.train_step`; the SAM math comes from the optimizer.
+`<backend>.py` exposes `train_step(model, ...)` with the signature of the
+backend's stock `Model.train_step`; the SAM math comes from the optimizer.
 `<backend>_hessian.py` holds that backend's gradient and Hessian-vector
-product for `keras_ssam.flatness`.
+product for `keras_ssam.flatness`. `backend_module` picks the one for the
+backend Keras runs on.
 """
+
+import functools
+import importlib
+
+import keras
+
+SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
+
+
+@functools.cache
+def backend_module(suffix, feature):
+    """`keras_ssam.backend.<backend><suffix>` for Keras's backend; `feature`
+    names what needs it in the error for an unsupported backend."""
+    name = keras.backend.backend()
+    if name not in SUPPORTED_BACKENDS:
+        raise NotImplementedError(
+            f"{feature} supports the tensorflow, jax and torch backends; "
+            f"KERAS_BACKEND is {name!r}."
+        )
+    return importlib.import_module(f"keras_ssam.backend.{name}{suffix}")
