@@ -200,7 +200,11 @@ class SAM(keras.optimizers.Optimizer):
         self.sam_probability = sam_probability
         # Like keras.random.SeedGenerator: from Python's `random`, which
         # keras.utils.set_random_seed seeds. Saved, so draws resume exactly.
-        self.seed = random.randint(1, 10**9) if seed is None else int(seed)
+        # Only drawn when some step is random: the default takes nothing from
+        # `random`, so the layers built after it get the same weights as before.
+        if seed is None and not (isinstance(sam_probability, numbers.Real) and sam_probability in (0, 1)):
+            seed = random.randint(1, 10**9)
+        self.seed = seed if seed is None else int(seed)
         self._draws = None
         self._sam_step_depth = 0
         # Set by SAMModel when compiled with this optimizer.

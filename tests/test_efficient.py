@@ -133,6 +133,23 @@ def test_seed_none_comes_from_python_random():
     assert keras_ssam.SSAM(keras.optimizers.SGD(0.1), seed=5).get_config()["seed"] == 5
 
 
+def test_default_probability_takes_nothing_from_python_random():
+    """With `sam_probability` 1.0 (the default) or 0.0 no step is random: no
+    seed is drawn (config `seed` None), so creating the optimizer leaves
+    Python's `random`, and the initial weights of layers built after it, as
+    a plain optimizer would."""
+    keras.utils.set_random_seed(42)
+    want = random.random()
+    for make in (
+        lambda: keras_ssam.SAM(keras.optimizers.SGD(0.1)),
+        lambda: keras_ssam.LookSAM(keras.optimizers.SGD(0.1), k=3),
+        lambda: keras_ssam.SSAM(keras.optimizers.SGD(0.1), sam_probability=0.0),
+    ):
+        keras.utils.set_random_seed(42)
+        assert make().get_config()["seed"] is None
+        assert random.random() == want
+
+
 # ---------------------------------------------------------------------------
 # a. LookSAM against the reference.
 # ---------------------------------------------------------------------------
