@@ -238,6 +238,16 @@ class SAMModel(keras.Model):
             update, stats, state = perturbed()
         elif runs is False:
             update, stats, state = skipped()
+        elif replica_count > 1:
+            # The perturbed branch all-reduces, and tf.distribute cannot
+            # synchronize replicas inside a conditional.
+            raise NotImplementedError(
+                f"{type(sam).__name__} skips the perturbed pass on some steps "
+                "(sam_probability, LookSAM), which tf.distribute cannot run "
+                f"with several replicas (here {replica_count}) yet. Use "
+                "sam_probability=1.0 (and SAM, USAM or SSAM) there, or the JAX "
+                "backend's keras.distribution.DataParallel."
+            )
         else:
             # A compiled conditional on TensorFlow and JAX, a Python `if` on
             # torch: a skipped step runs no perturbed pass at all.
