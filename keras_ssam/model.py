@@ -202,7 +202,8 @@ class SAMModel(keras.Model):
         """The gradient to hand to the base optimizer, and diagnostics.
 
         Backend-agnostic: the backend supplies the clean gradients `grads` at
-        `weights` (`None` when the batch is split) and
+        `weights` (may be `None` when the batch is split and every step runs
+        the perturbed pass) and
         `stateless_gradient(values, x, y, sample_weight) -> (loss, grads)`,
         the scaled-loss gradient at `values` from the pre-step state; losses
         are unscaled.
