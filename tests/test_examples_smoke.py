@@ -91,3 +91,24 @@ def test_profile_script_of_this_backend():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for name in ("plain", "sam", "ssam"):
         assert name in out.stdout
+
+
+def test_efficient_sam_quick_covers_every_method(tmp_path):
+    """The cheap-SAM example's CI mode: every method trains, the skipped steps
+    are counted (`sam_step_fraction`), and it writes its JSON and plot."""
+    import json
+
+    stdout = run_example("efficient_sam.py", "--quick", "--out", str(tmp_path))
+    assert (tmp_path / "efficient_sam.png").stat().st_size > 0
+    result = json.loads((tmp_path / "efficient_sam.json").read_text())
+    fractions = {r["method"]: r["sam_step_fraction"] for r in result["summary"]}
+    assert set(fractions) == {
+        "SGD", "SAM", "SSAM", "LookSAM", "LookSAM-stable", "LookSAM-a0.3", "RST-SAM", "RST-SSAM",
+        "late-SAM", "late-SSAM",
+    }, stdout
+    # 2 epochs of 10 steps: LookSAM k=5 perturbs iterations 0, 5, 10, 15; late
+    # phase = the second epoch; SAM and SSAM every step, SGD none.
+    expected = {"SGD": 0, "SAM": 1, "SSAM": 1, "LookSAM": 0.2, "LookSAM-stable": 0.2,
+                "LookSAM-a0.3": 0.2, "late-SAM": 0.5, "late-SSAM": 0.5}
+    assert {m: fractions[m] for m in expected} == pytest.approx(expected, abs=1e-6), fractions
+    assert 0 < fractions["RST-SAM"] < 1, fractions

@@ -4,6 +4,9 @@ numbers, added to each model's entry of the results:
     ratios               per `configs.RATIOS` row: the median over repetitions
                          of the ratio of the two configurations'
                          per-repetition median step times, min-max alongside
+                         (of their per-repetition mean step times when one
+                         of them is in `configs.MIXED_CONFIGS`: steps of one
+                         and of two passes, whose median would be one kind)
     memory_sam_vs_plain  SAM's extra memory over plain, in MiB and in units of
                          the trainable weights' bytes (RSS, XLA, device)
     targets              each of those with a target: its bound and whether
@@ -13,7 +16,7 @@ numbers, added to each model's entry of the results:
 
 import statistics
 
-from .configs import MEMORY_TARGET_WEIGHTS, RATIOS, RSS_VERDICT_MIN_WEIGHT_MIB
+from .configs import MEMORY_TARGET_WEIGHTS, MIXED_CONFIGS, RATIOS, RSS_VERDICT_MIN_WEIGHT_MIB
 
 
 def summarize(res, backend):
@@ -25,6 +28,7 @@ def summarize(res, backend):
             for num, den, _, _ in RATIOS
             if (r := ratio(entry["configs"], num, den)) is not None
         }
+        _expected_from_fraction(entry)
         entry["targets"] = {
             f"{num}/{den}": {"max": t[backend], "met": entry["ratios"][f"{num}/{den}"]["median"] <= t[backend]}
             for num, den, _, t in RATIOS
@@ -42,16 +46,38 @@ def summarize(res, backend):
 def ratio(configs, num, den):
     if num not in configs or den not in configs:
         return None
-    a = configs[num]["step_s"]["per_rep_median"]
-    b = configs[den]["step_s"]["per_rep_median"]
+    statistic = "mean" if num in MIXED_CONFIGS or den in MIXED_CONFIGS else "median"
+    a = configs[num]["step_s"][f"per_rep_{statistic}"]
+    b = configs[den]["step_s"][f"per_rep_{statistic}"]
     per_rep = [p / q for p, q in zip(a, b)]
-    return {
+    out = {
         "median": statistics.median(per_rep),
         "min": min(per_rep),
         "max": max(per_rep),
         "per_rep": per_rep,
+        "of_step": statistic,  # per-repetition median or mean step times
         "pooled_median_ratio": configs[num]["step_s"]["median"] / configs[den]["step_s"]["median"],
+        "pooled_mean_ratio": configs[num]["step_s"]["mean"] / configs[den]["step_s"]["mean"],
     }
+    blocks = configs[num].get("sam_steps_per_block")
+    if blocks:
+        steps = len(configs[num]["step_times_s"][0])
+        out["sam_step_fraction"] = sum(blocks) / (steps * len(blocks))
+    return out
+
+
+def _expected_from_fraction(entry):
+    """For a configuration that runs the perturbed pass on a fraction f of its
+    timed steps, against plain: what those steps alone would cost,
+    1 + f (SAM/plain - 1) with SAM/plain of the pooled mean steps. A ratio
+    well above it is overhead on the steps that skip the pass."""
+    cfgs = entry["configs"]
+    if "sam" not in cfgs or "plain" not in cfgs:
+        return
+    sam_over_plain = cfgs["sam"]["step_s"]["mean"] / cfgs["plain"]["step_s"]["mean"]
+    for key, r in entry["ratios"].items():
+        if key.endswith("/plain") and "sam_step_fraction" in r:
+            r["expected_from_fraction"] = 1 + r["sam_step_fraction"] * (sam_over_plain - 1)
 
 
 def memory_extra(entry, num="sam", den="plain"):

@@ -8,7 +8,11 @@ same initial weights and warmed up with one block of `--steps` steps
 `for rep in range(reps): for config in configs (rotated each rep): run one
 block of --steps steps`, so slow phases of a shared machine hit every
 configuration alike. Reported per configuration: the median of all timed
-steps, and the min and max over repetitions of the per-repetition medians.
+steps, and the min and max over repetitions of the per-repetition medians;
+also each block's mean step, and, for the configurations that skip the
+perturbed pass on some steps (`configs.SAM_STEP_PATTERNS`), how many steps of
+each timed block ran it (block r covers iterations (r + 1) * steps to
+(r + 2) * steps - 1: the warm-up block took the first `steps`).
 """
 
 import json
@@ -16,7 +20,7 @@ import platform
 import statistics
 import time
 
-from .configs import KERAS_CONFIGS, PEER_CONFIGS, PEERS
+from .configs import KERAS_CONFIGS, PEER_CONFIGS, PEERS, SAM_STEP_PATTERNS
 from .keras_config import KerasConfig
 from .memory import measure_memory, rss_mib
 from .models import build_keras_model, make_data, weight_info
@@ -70,6 +74,19 @@ def backend_versions(backend):
     return versions
 
 
+def sam_steps_per_block(name, steps, reps):
+    """How many steps of each timed block of `name` run the perturbed pass
+    (None: every step or none by construction, plain and peers excluded)."""
+    if name not in SAM_STEP_PATTERNS:
+        return None
+    import numpy as np
+
+    import keras_ssam
+
+    return [int(np.sum(SAM_STEP_PATTERNS[name](np.arange((r + 1) * steps, (r + 2) * steps), keras_ssam)))
+            for r in range(reps)]
+
+
 def child_timing(args):
     """Times every configuration of every model on this backend (module doc)."""
     import keras
@@ -113,7 +130,10 @@ def child_timing(args):
         }
         for name, cfg in cfgs.items():
             per_rep = [statistics.median(block) for block in times[name]]
+            per_rep_mean = [statistics.fmean(block) for block in times[name]]
             pooled = [t for block in times[name] for t in block]
+            sam_steps = sam_steps_per_block(name, args.steps, args.reps)
+            optimizer = getattr(getattr(cfg, "model", None), "optimizer", None)
             traced = backend != "torch"  # torch: eager, train_step runs every step
             entry["configs"][name] = {
                 "kind": cfg.kind,
@@ -122,7 +142,14 @@ def child_timing(args):
                     "rep_median_min": min(per_rep),
                     "rep_median_max": max(per_rep),
                     "per_rep_median": per_rep,
+                    "mean": statistics.fmean(pooled),
+                    "per_rep_mean": per_rep_mean,
                 },
+                # Steps of each timed block that ran the perturbed pass (mixed configs only),
+                # and the optimizer's iteration count at the end (checks the block alignment).
+                "sam_steps_per_block": sam_steps,
+                "iterations_end": int(optimizer.iterations.numpy()) if hasattr(
+                    getattr(optimizer, "iterations", None), "numpy") else None,
                 "step_times_s": times[name],
                 "first_epoch_s": first_epoch_s[name],
                 "jit_compile": getattr(getattr(cfg, "model", None), "jit_compile", None)

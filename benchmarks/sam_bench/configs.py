@@ -27,8 +27,13 @@ LEARNING_RATE = 0.01
 MOMENTUM = 0.9
 RHO = 0.05
 SSAM_ADAPT = {"rho": 0.5, "adaptive": True, "eta": 0.01}
+# LookSAM's weight of the reused direction (the paper's and keras_ssam's default),
+# and the seed of the sam_probability draws (fixed: every run skips the same steps).
+LOOKSAM_ALPHA = 0.7
+SAM_PROBABILITY_SEED = 0
 HYPERPARAMETERS = {"sgd_learning_rate": LEARNING_RATE, "sgd_momentum": MOMENTUM, "rho": RHO,
-                   "ssam_adapt": SSAM_ADAPT}
+                   "ssam_adapt": SSAM_ADAPT, "looksam_alpha": LOOKSAM_ALPHA,
+                   "sam_probability_seed": SAM_PROBABILITY_SEED}
 
 # The Keras configurations, trained with `fit`, in the order of the tables:
 # name -> builder(inner, base, keras_ssam) -> (model to compile, optimizer),
@@ -46,7 +51,34 @@ KERAS_CONFIGS = {
     # SAMModel(num_batch_splits=2) + SSAM(SGD, rho=0.05)
     "ssam_split2": lambda inner, base, ks: (ks.SAMModel(inner, num_batch_splits=2),
                                             ks.SSAM(base, rho=RHO)),
+    # SAMModel + LookSAM(SGD, rho=0.05, k=5 or 10, alpha=0.7): the perturbed pass every k steps
+    "looksam_k5": lambda inner, base, ks: (ks.SAMModel(inner),
+                                           ks.LookSAM(base, rho=RHO, k=5, alpha=LOOKSAM_ALPHA)),
+    "looksam_k10": lambda inner, base, ks: (ks.SAMModel(inner),
+                                            ks.LookSAM(base, rho=RHO, k=10, alpha=LOOKSAM_ALPHA)),
+    # SAMModel + SAM(SGD, rho=0.05, sam_probability=p, seed=0): the perturbed pass with probability p
+    "samp_05": lambda inner, base, ks: (ks.SAMModel(inner), ks.SAM(
+        base, rho=RHO, sam_probability=0.5, seed=SAM_PROBABILITY_SEED)),
+    "samp_02": lambda inner, base, ks: (ks.SAMModel(inner), ks.SAM(
+        base, rho=RHO, sam_probability=0.2, seed=SAM_PROBABILITY_SEED)),
+    # sam_probability=0: every step skips the perturbed pass (the cost of a skipped step)
+    "samp_0": lambda inner, base, ks: (ks.SAMModel(inner), ks.SAM(
+        base, rho=RHO, sam_probability=0.0, seed=SAM_PROBABILITY_SEED)),
 }
+# Which iterations run the perturbed pass, for the configurations that skip
+# some: name -> fn(iterations as an int NumPy array, keras_ssam) -> bool array.
+# Their steps cost one or two passes, so a block's median step is a plain or a
+# SAM step depending on which kind is the majority; their ratios are therefore
+# taken of the block means (`MIXED_CONFIGS`, see `analysis.ratio`), and the
+# report gives the fraction of timed steps that ran the perturbed pass.
+SAM_STEP_PATTERNS = {
+    "looksam_k5": lambda it, ks: it % 5 == 0,
+    "looksam_k10": lambda it, ks: it % 10 == 0,
+    "samp_05": lambda it, ks: ks.sam_step_draws(SAM_PROBABILITY_SEED, it) < 0.5,
+    "samp_02": lambda it, ks: ks.sam_step_draws(SAM_PROBABILITY_SEED, it) < 0.2,
+    "samp_0": lambda it, ks: it < 0,
+}
+MIXED_CONFIGS = ("looksam_k5", "looksam_k10", "samp_05", "samp_02")
 # The same model in a peer library's own training loop (sam_bench.peers):
 # plain SGD, and the peer's SAM (rho=RHO).
 PEER_CONFIGS = ("peer_plain", "peer_sam")
@@ -61,6 +93,14 @@ RATIOS = (
     ("ssam_adapt", "sam", "adaptive SSAM/SAM", {}),
     ("ssam_split2", "ssam", "SSAM split2/SSAM", {}),
     ("peer_sam", "peer_plain", "peer SAM/plain", {}),
+    # The cheap variants against plain (block means: MIXED_CONFIGS). A LookSAM
+    # step costs (k + 1)/k plain steps plus the reuse arithmetic; a skipped
+    # step one clean pass plus the conditional.
+    ("looksam_k5", "plain", "LookSAM k5/plain", {"tensorflow": 1.35, "jax": 1.35, "torch": 1.35}),
+    ("looksam_k10", "plain", "LookSAM k10/plain", {"tensorflow": 1.25, "jax": 1.25, "torch": 1.25}),
+    ("samp_05", "plain", "SAM p=0.5/plain", {"tensorflow": 1.6, "jax": 1.6, "torch": 1.6}),
+    ("samp_02", "plain", "SAM p=0.2/plain", {}),
+    ("samp_0", "plain", "skipped step/plain", {"tensorflow": 1.10, "jax": 1.10, "torch": 1.10}),
 )
 PEER_LEGEND = "peer SAM/plain (JAX: optax, torch: pytorch_optimizer)"
 

@@ -8,7 +8,8 @@ per backend, one panel per model, whiskers min-max over repetitions).
 import json
 import os
 
-from .configs import MEMORY_TARGET_WEIGHTS, MODELS, PEER_LEGEND, RATIOS, RSS_VERDICT_MIN_WEIGHT_MIB
+from .configs import (MEMORY_TARGET_WEIGHTS, MIXED_CONFIGS, MODELS, PEER_LEGEND, RATIOS,
+                      RSS_VERDICT_MIN_WEIGHT_MIB)
 
 
 def write(results, meta, out):
@@ -95,12 +96,39 @@ def report(results, meta):
                     cell += f" {ok}<={targets[backend]:.2f}"
                 row += f" {cell:>24}"
             p(row)
+    _mixed_report(p, results)
     if meta["memory"] == "off":
         p("\nMemory: not measured (--memory off).")
     else:
         _memory_report(p, results, meta)
     _traces_report(p, results)
     return "\n".join(lines)
+
+
+def _mixed_report(p, results):
+    mixed = [(num, den, label) for num, den, label, _ in RATIOS if num in MIXED_CONFIGS or den in MIXED_CONFIGS]
+    if not mixed:
+        return
+    p("\nRatios of configurations that skip the perturbed pass on some steps ("
+      + ", ".join(label for _, _, label in mixed)
+      + ") are of the repetitions' mean steps, not their median steps. For each: the fraction f of timed "
+      "steps that ran the perturbed pass, and 1 + f (SAM/plain - 1), what those steps alone cost "
+      "(SAM/plain of the pooled mean steps):")
+    for backend, res in results.items():
+        if "error" in res:
+            continue
+        for model_name, entry in res["models"].items():
+            parts = []
+            for num, den, label in mixed:
+                r = entry["ratios"].get(f"{num}/{den}")
+                if r is None or "sam_step_fraction" not in r:
+                    continue
+                part = f"{label} {r['median']:.2f} (f {r['sam_step_fraction']:.2f}"
+                if "expected_from_fraction" in r:
+                    part += f", expected {r['expected_from_fraction']:.2f}"
+                parts.append(part + ")")
+            if parts:
+                p(f"{backend:<11} {model_name:<7} " + "; ".join(parts))
 
 
 def _memory_report(p, results, meta):
@@ -155,7 +183,8 @@ def plot(results, path, meta):
         return False
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
     width = 0.8 / len(RATIOS)
-    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f"]
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f",
+              "#17becf", "#bcbd22", "#e377c2", "#8c564b", "#d62728"]
     for ax, model_name in zip(axes[0], models):
         for i, (num, den, label, targets) in enumerate(RATIOS):
             xs, ys, lo, hi = [], [], [], []
