@@ -238,12 +238,16 @@ class SAM(keras.optimizers.Optimizer):
             probability = p
         else:
             probability = ops.cast(p(ops.cast(self.iterations, "float32")), "float32")
-        if self._draws is None or keras.backend.backend() == "tensorflow":
-            # A graph constant on TensorFlow; one tensor otherwise.
-            self._draws = ops.convert_to_tensor(_draw_table(self.seed))
+        if self._draws is None:
+            self._draws = _draw_table(self.seed)
+        # A constant of each trace (TensorFlow, JAX: a tensor made while
+        # tracing must not outlive the trace); torch keeps one tensor.
+        if keras.backend.backend() == "torch" and not hasattr(self._draws, "device"):
+            self._draws = ops.convert_to_tensor(self._draws)
         t = ops.cast(self.iterations, "int32" if keras.backend.backend() == "jax" else "int64")
-        s = ops.take(self._draws, t % _DRAW_TABLE_SIZE) + ops.take(
-            self._draws, (t // _DRAW_TABLE_SIZE) % _DRAW_TABLE_SIZE
+        draws = ops.convert_to_tensor(self._draws)
+        s = ops.take(draws, t % _DRAW_TABLE_SIZE) + ops.take(
+            draws, (t // _DRAW_TABLE_SIZE) % _DRAW_TABLE_SIZE
         )
         return ops.less(s - ops.floor(s), probability)
 

@@ -843,3 +843,20 @@ def test_sam_probability_config_round_trip(probability):
         assert again.sam_probability.get_config() == p.get_config()
     else:
         assert again.sam_probability == 0.25
+
+
+def test_probability_survives_a_retrace_on_a_partial_last_batch():
+    """40 examples in batches of 16: the last batch (8) retraces the step on
+    TensorFlow and JAX (JAX used to reuse a tracer of the first trace). The
+    logged fraction of SAM steps is the NumPy draw's over the 3 steps."""
+    rs = np.random.RandomState(0)
+    x = rs.rand(40, 8).astype("float32")
+    y = rs.randint(0, 3, 40)
+    model = keras_ssam.SAMModel(keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]), diagnostics=True)
+    model.compile(
+        optimizer=keras_ssam.SAM(keras.optimizers.SGD(0.1), sam_probability=0.5, seed=0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history
+    drawn = step_draws(0, range(6)) < 0.5
+    np.testing.assert_allclose(history["sam_step_fraction"], [drawn[:3].mean(), drawn[3:].mean()], rtol=1e-6)
