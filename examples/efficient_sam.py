@@ -64,7 +64,8 @@ from keras import ops
 
 import keras_ssam
 from keras_ssam import flatness
-from quickstart import build_cnn, load_data  # same data split and network as the quick start
+from lr_sweep_digits import floats, ints  # the sweep's argument parsers
+from quickstart import EpochTimer, build_cnn, load_data  # same data split and network as the quick start
 
 METHODS = ("SGD", "SAM", "SSAM", "LookSAM", "LookSAM-stable", "LookSAM-a0.3", "RST-SAM",
            "RST-SSAM", "late-SAM", "late-SSAM")
@@ -112,17 +113,6 @@ def make_optimizer(method, lr, seed, late_start, args):
     if method == "late-SSAM":
         return keras_ssam.SSAM(base, rho=ssam, sam_probability=late_phase(late_start), seed=seed)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-
-
-class EpochTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.times = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
 
 
 def train(method, lr, seed, data, args):
@@ -303,14 +293,6 @@ def plot(rows, runs, methods, lrs, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def floats(text):
-    return [float(t) for t in text.split(",") if t]
-
-
-def ints(text):
-    return [int(t) for t in text.split(",") if t]
 
 
 def main():
