@@ -1,7 +1,8 @@
 """keras_ssam: sharpness-aware training (SAM, USAM, SSAM, ASAM) for Keras 3.
 
 Public API:
-    SAM, USAM, SSAM, LookSAM: optimizers wrapping any Keras optimizer.
+    SAM, USAM, SSAM, LookSAM, GSAM, FriendlySAM, WSAM: optimizers wrapping
+        any Keras optimizer.
     sam_step_draws: which steps a `sam_probability` runs the perturbed pass.
     SAMModel: a `keras.Model` wrapper whose `fit` runs the two SAM passes.
     flatness: Hessian top eigenvalue and trace estimates of a model's loss.
@@ -64,9 +65,12 @@ try:
     import keras  # noqa: F401  (imports the backend's framework)
 
     from keras_ssam import flatness
+    from keras_ssam.friendly_sam import FriendlySAM
+    from keras_ssam.gsam import GSAM
     from keras_ssam.looksam import LookSAM
     from keras_ssam.model import SAMModel
     from keras_ssam.optimizers import SAM, SSAM, USAM, sam_step_draws
+    from keras_ssam.wsam import WSAM
 except ModuleNotFoundError as _err:
     _friendly = _missing_backend_error(_err)
     if _friendly is None:
@@ -76,11 +80,14 @@ except ModuleNotFoundError as _err:
 __version__ = "0.1.0"
 
 __all__ = [
+    "FriendlySAM",
+    "GSAM",
     "LookSAM",
     "SAM",
     "SSAM",
     "SAMModel",
     "USAM",
+    "WSAM",
     "flatness",
     "sam_step_draws",
     "__version__",

@@ -103,7 +103,7 @@ class LookSAM(SAM):
             update = sam_math.rescale_to_norm(update, sam_math.global_norm(grads))
         return update
 
-    def _perturbed_step_state(self, grads, perturbed_grads, grad_norm):
+    def _perturbed_step_state(self, grads, perturbed_grads, grad_norm, grad_scale=None):
         orthogonal = sam_math.orthogonal_component(grads, perturbed_grads, layerwise=self.layerwise)
         # A vanished g_s (the step falls back to g) keeps the last direction.
         vanished = sam_math.perturbed_gradient_vanished(

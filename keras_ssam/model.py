@@ -10,6 +10,7 @@ from keras_ssam import _kernels
 from keras_ssam._validation import check_int
 from keras_ssam.backend import backend_module
 from keras_ssam.optimizers import find_sam_optimizer
+from keras_ssam.perturb import perturbed_mask
 
 PERTURBATION_SCOPES = ("global", "local")
 DIAGNOSTICS = (
@@ -275,7 +276,8 @@ class SAMModel(keras.Model):
             else:
                 reduce = all_reduce
         splits = self.num_batch_splits * (batch_shards if local else 1)
-        if sam._state_variables() and (splits > 1 or replica_count > 1):
+        chunked = splits > 1 and not sam._state_averages_over_chunks
+        if sam._state_variables() and (chunked or replica_count > 1):
             raise NotImplementedError(
                 f"{type(sam).__name__} keeps a direction between steps and "
                 "supports neither num_batch_splits > 1, the local perturbation "
@@ -288,38 +290,45 @@ class SAMModel(keras.Model):
                 sam, grads, weights, clean_loss, grad_scale, reduce,
                 lambda values: stateless_gradient(values, x, y, sample_weight),
             )
-        # Chunk updates weighted by chunk size: with equal chunks, their mean.
-        total_update, total_stats = None, None
+        # Chunk updates (and F-SAM's state) weighted by chunk size: with
+        # equal chunks, their mean.
+        total = None
         for (cx, cy, csw), weight in _split_batch((x, y, sample_weight), splits):
             chunk_loss, chunk_grads = stateless_gradient(weights, cx, cy, csw)
-            update, chunk_stats, _ = self._one_sam_update(
+            update, chunk_stats, state = self._one_sam_update(
                 sam, chunk_grads, weights, chunk_loss, grad_scale, reduce,
                 lambda values, cx=cx, cy=cy, csw=csw: stateless_gradient(values, cx, cy, csw),
             )
-            update = [None if u is None else _weighted(u, weight) for u in update]
-            chunk_stats = {k: _weighted(v, weight) for k, v in chunk_stats.items()}
-            if total_update is None:
-                total_update, total_stats = update, chunk_stats
+            chunk = (
+                [None if u is None else _weighted(u, weight) for u in update],
+                {k: _weighted(v, weight) for k, v in chunk_stats.items()},
+                [_weighted(v, weight) for v in state],
+            )
+            if total is None:
+                total = chunk
                 continue
-            total_update = [
-                None if t is None else t + u for t, u in zip(total_update, update)
-            ]
-            total_stats = {k: total_stats[k] + v for k, v in chunk_stats.items()}
-        return total_update, total_stats, []
+            total = (
+                [None if t is None else t + u for t, u in zip(total[0], chunk[0])],
+                {k: total[1][k] + v for k, v in chunk[1].items()},
+                [t + v for t, v in zip(total[2], chunk[2])],
+            )
+        return total
 
     def _one_sam_update(self, sam, grads, weights, clean_loss, grad_scale, reduce, gradient_at):
         # With `reduce` (global scope over replicas) e and gamma come from the
         # all-reduced gradients, while the update stays this replica's share:
         # the optimizer all-reduces it, once. The clean gradient stays alive
         # for the fallback on a step whose perturbed gradient vanishes.
+        reduced_grads = None if reduce is None else reduce(grads)
         perturbations, grad_norm = sam.perturbation(
-            grads if reduce is None else reduce(grads), weights, grad_scale
+            grads if reduce is None else reduced_grads, weights, grad_scale,
+            mask=self._perturbed_mask(),
         )
         # On torch w + e overwrites e.
         perturbed = _kernels.add_(perturbations, weights)
         del perturbations
         perturbed_loss, perturbed_grads = gradient_at(perturbed)
-        state = sam._perturbed_step_state(grads, perturbed_grads, grad_norm)
+        state = sam._perturbed_step_state(grads, perturbed_grads, grad_norm, grad_scale)
         if not sam.adaptive:
             perturbed = None  # only T(w + e) reads it: free it before the update
         norm_grads = None if reduce is None else reduce(perturbed_grads)
@@ -328,13 +337,27 @@ class SAMModel(keras.Model):
         update, stats = sam.update_gradients(
             grads, perturbed_grads, perturbed, grad_norm, grad_scale,
             need_stats=self.diagnostics, norm_perturbed_grads=norm_grads,
-            overwrite_grads=True,
+            overwrite_grads=True, norm_grads=reduced_grads,
         )
         if self.diagnostics:
             stats["grad_norm"] = grad_norm
             stats["sharpness"] = ops.cast(perturbed_loss, "float32") - ops.cast(clean_loss, "float32")
             stats = {k: ops.cast(v, "float32") for k, v in stats.items()}
         return update, stats, state
+
+    def _perturbed_mask(self):
+        """The SAM optimizer's `perturb` as a bool per trainable weight, or
+        `None` (all), resolved once per set of weights."""
+        sam = self.sam_optimizer()
+        if isinstance(sam.perturb, str) and sam.perturb == "all":
+            return None
+        variables = self.trainable_variables
+        key = (id(sam), sam.perturb, tuple(id(v) for v in variables))
+        cached = getattr(self, "_perturbed_mask_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, perturbed_mask(sam.perturb, variables, self.model))
+            self._perturbed_mask_cache = cached
+        return cached[1]
 
     def _update_diagnostics(self, stats):
         """Adds one step's diagnostics to their running means (stateful):

@@ -18,6 +18,7 @@ from keras import ops
 
 from keras_ssam import sam_math
 from keras_ssam._validation import check_int, check_number
+from keras_ssam.perturb import check_perturb
 
 _SAM_MODEL_HINT = (
     "SAM optimizers need the gradient at a perturbed point, which only "
@@ -107,6 +108,19 @@ class SAM(keras.optimizers.Optimizer):
         max_scale: upper bound on SSAM's factor gamma; only with
             `stable=True`.
         epsilon: added to the denominators of the norm divisions.
+        sam_probability: the probability that a step runs the perturbed
+            pass (otherwise it is a plain step on `g`): a float in [0, 1], a
+            `LearningRateSchedule` or a callable of the iteration count
+            (e.g. `lambda it: it % 5 == 0`). Draws are reproducible from
+            `seed` (see `keras_ssam.sam_step_draws`).
+        seed: seed of the `sam_probability` draws; drawn from Python's
+            `random` (seeded by `keras.utils.set_random_seed`) when `None`.
+        perturb: which trainable weights are perturbed: `"all"`,
+            `"no_norm"` (not normalization layers nor biases), `"norm_only"`
+            (SAM-ON) or a callable taking the `keras.Variable` and returning
+            a bool (see `keras_ssam.perturb`). The others get `e = 0` and
+            are left out of `||T g||`; every weight is still updated with
+            the gradient at `w + e`.
         name: name of the optimizer.
 
     Example:
@@ -135,6 +149,7 @@ class SAM(keras.optimizers.Optimizer):
         epsilon=1e-12,
         sam_probability=1.0,
         seed=None,
+        perturb="all",
         name=None,
     ):
         if isinstance(base_optimizer, SAM):
@@ -176,6 +191,7 @@ class SAM(keras.optimizers.Optimizer):
                 f"max_scale={max_scale!r}, stable={stable!r}"
             )
         _check_sam_probability(sam_probability)
+        check_perturb(perturb)
         if seed is not None:
             check_int("seed", seed, 0)
         for flag_name, flag in (
@@ -198,6 +214,7 @@ class SAM(keras.optimizers.Optimizer):
         self.max_scale = max_scale
         self.epsilon = epsilon
         self.sam_probability = sam_probability
+        self.perturb = perturb
         # Like keras.random.SeedGenerator: from Python's `random`, which
         # keras.utils.set_random_seed seeds. Saved, so draws resume exactly.
         # Only drawn when some step is random: the default takes nothing from
@@ -256,15 +273,26 @@ class SAM(keras.optimizers.Optimizer):
         perturbed pass: the clean gradient."""
         return list(grads)
 
-    def _perturbed_step_state(self, grads, perturbed_grads, grad_norm):
+    def _perturbed_step_state(self, grads, perturbed_grads, grad_norm, grad_scale=None):
         """New values of this optimizer's own variables after a perturbed
         pass (in the order of `_state_variables`); none for SAM."""
         return []
 
+    # Whether the new state is linear in the gradients, so that a step over
+    # batch chunks takes the chunks' states weighted by their sizes (F-SAM's
+    # average); otherwise chunks are refused (LookSAM's stored direction).
+    _state_averages_over_chunks = False
+
+    def _decoupled_update(self, grads):
+        """`(base_grads, decoupled)`: the gradients for the base optimizer,
+        and per weight a term subtracted after its update, times the
+        learning rate (`None`: nothing; WSAM's decoupled sharpness term)."""
+        return grads, None
+
     def _state_variables(self):
         return []
 
-    def perturbation(self, grads, weights, grad_scale=None, overwrite_grads=False):
+    def perturbation(self, grads, weights, grad_scale=None, overwrite_grads=False, mask=None):
         """The ascent step `e` for each weight, and `||T g||`.
 
         Args:
@@ -273,6 +301,7 @@ class SAM(keras.optimizers.Optimizer):
             grad_scale: loss-scale factor the gradients carry, or `None`.
             overwrite_grads: the caller gives `grads` up: on torch `e` is
                 computed in their memory.
+            mask: a bool per weight (`perturb`), or `None`: all.
 
         Returns:
             `(perturbations, grad_norm)`.
@@ -287,6 +316,7 @@ class SAM(keras.optimizers.Optimizer):
             epsilon=self.epsilon,
             grad_scale=grad_scale,
             overwrite_grads=overwrite_grads,
+            mask=mask,
         )
 
     def update_gradients(
@@ -299,6 +329,7 @@ class SAM(keras.optimizers.Optimizer):
         need_stats=False,
         norm_perturbed_grads=None,
         overwrite_grads=False,
+        norm_grads=None,
     ):
         """The gradient handed to the base optimizer, and diagnostics.
 
@@ -321,6 +352,9 @@ class SAM(keras.optimizers.Optimizer):
                 own share to the optimizer, which all-reduces it).
             overwrite_grads: the caller gives `perturbed_grads` up: on torch
                 the update is computed in their memory.
+            norm_grads: the all-reduced clean gradients under tf.distribute
+                (as `norm_perturbed_grads`), for variants whose update
+                mixes `g` and `g_asc` with global coefficients (GSAM).
 
         Returns:
             `(update_grads, stats)` where `stats` holds `perturbed_grad_norm`,
@@ -412,7 +446,23 @@ class SAM(keras.optimizers.Optimizer):
 
     def apply(self, grads, trainable_variables=None):
         self._check_in_sam_step()
-        self.base_optimizer.apply(grads, trainable_variables)
+        grads, decoupled = self._decoupled_update(grads)
+        if decoupled is None:
+            self.base_optimizer.apply(grads, trainable_variables)
+        else:
+            variables = (
+                self.base_optimizer._trainable_variables
+                if trainable_variables is None
+                else trainable_variables
+            )
+            # The learning rate of this step, before `apply` advances it.
+            learning_rate = ops.convert_to_tensor(self.base_optimizer.learning_rate)
+            self.base_optimizer.apply(grads, trainable_variables)
+            for variable, term in zip(variables, decoupled):
+                if term is not None:
+                    variable.assign(
+                        variable - ops.cast(learning_rate, variable.dtype) * ops.cast(term, variable.dtype)
+                    )
         self.built = True
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
@@ -422,9 +472,19 @@ class SAM(keras.optimizers.Optimizer):
         # hands over the variables themselves inside a StatelessScope: read
         # them there.
         count = len(self.base_optimizer.variables)
+        grads, decoupled = self._decoupled_update(grads)
+        if decoupled is not None:
+            mapping = list(zip(self.base_optimizer.variables, optimizer_variables[:count]))
+            with keras.StatelessScope(state_mapping=mapping):
+                learning_rate = ops.convert_to_tensor(self.base_optimizer.learning_rate)
         trainable_variables, base_values = self.base_optimizer.stateless_apply(
             optimizer_variables[:count], grads, trainable_variables
         )
+        if decoupled is not None:
+            trainable_variables = [
+                w if term is None else w - ops.cast(learning_rate, w.dtype) * ops.cast(term, w.dtype)
+                for w, term in zip(trainable_variables, decoupled)
+            ]
         own_values = [ops.convert_to_tensor(v) for v in optimizer_variables[count:]]
         return trainable_variables, list(base_values) + own_values
 
@@ -480,6 +540,9 @@ class SAM(keras.optimizers.Optimizer):
             "epsilon": self.epsilon,
             "sam_probability": sam_probability,
             "seed": self.seed,
+            "perturb": self.perturb
+            if isinstance(self.perturb, str)
+            else keras.saving.serialize_keras_object(self.perturb),
         }
 
     @classmethod
@@ -488,7 +551,7 @@ class SAM(keras.optimizers.Optimizer):
         config["base_optimizer"] = keras.saving.deserialize_keras_object(
             config["base_optimizer"], custom_objects=custom_objects
         )
-        for key in ("rho", "sam_probability"):
+        for key in ("rho", "sam_probability", "perturb"):
             if isinstance(config.get(key), dict):
                 config[key] = keras.saving.deserialize_keras_object(
                     config[key], custom_objects=custom_objects

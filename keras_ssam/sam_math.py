@@ -13,6 +13,12 @@ References:
         (arXiv 2102.11600).
   SSAM: Tan et al., "Stabilizing Sharpness-aware Minimization Through A Simple
         Renormalization Strategy", JMLR 2025 (arXiv 2401.07250), Algorithm 1.
+  GSAM: Zhuang et al., "Surrogate Gap Guided Sharpness-Aware Minimization",
+        ICLR 2022 (arXiv 2203.08065), Algorithm 1.
+  F-SAM: Li et al., "Friendly Sharpness-Aware Minimization", CVPR 2024
+        (arXiv 2403.12350), Algorithm 1.
+  WSAM: Yue et al., "Sharpness-Aware Minimization Revisited: Weighted
+        Sharpness as a Regularization Term", KDD 2023 (arXiv 2305.15817).
 """
 
 from keras import ops
@@ -48,7 +54,7 @@ def safe_divide(numerator, denominator, default):
 
 def adaptive_scale(weights, eta):
     """ASAM's elementwise operator `T(w) = |w| + eta` (Kwon et al., eq. 10)."""
-    return [ops.abs(w) + eta for w in weights]
+    return [None if w is None else ops.abs(w) + eta for w in weights]
 
 
 def _scale_list(tensors, factor, overwrite=False):
@@ -66,6 +72,7 @@ def sam_perturbation(
     epsilon=1e-12,
     grad_scale=None,
     overwrite_grads=False,
+    mask=None,
 ):
     """The ascent step `e` of SAM, USAM and ASAM.
 
@@ -83,11 +90,21 @@ def sam_perturbation(
         grad_scale: the factor the loss was multiplied by, or `None`.
         overwrite_grads: the caller gives `grads` up; `e` may be computed in
             their memory (torch does, saving one copy of the gradients).
+        mask: a bool per weight, or `None` (all): the weights left out get
+            no perturbation and are left out of `||T g||` (see
+            `keras_ssam.SAM`'s `perturb`).
 
     Returns:
         `(e, grad_norm)`: the perturbation per weight (`None` where the
-        gradient is `None`) and `||T g||` of the unscaled gradient.
+        gradient is `None` or the weight is masked out) and `||T g||` of the
+        unscaled gradient over all weights.
     """
+    full_norm = None
+    if mask is not None:
+        # gamma and the diagnostics take the norm over every weight.
+        full_norm = perturbed_grad_norm(grads, weights, adaptive=adaptive, eta=eta, grad_scale=grad_scale)
+        grads = [g if keep else None for g, keep in zip(grads, mask)]
+        weights = [w if keep else None for w, keep in zip(weights, mask)]
     if adaptive:
         t_weights = adaptive_scale(weights, eta)
         t_grads = [
@@ -113,7 +130,7 @@ def sam_perturbation(
             None if g is None else g * ops.cast(t, ops.dtype(g))
             for g, t in zip(t_grads, t_weights)
         ]
-    return _scale_list(t_grads, factor, overwrite=owned), grad_norm
+    return _scale_list(t_grads, factor, overwrite=owned), (grad_norm if full_norm is None else full_norm)
 
 
 def perturbed_grad_norm(perturbed_grads, perturbed_weights, *, adaptive=False, eta=0.0, grad_scale=None):
@@ -193,15 +210,18 @@ def _per_tensor_or_global(fn, *tensor_lists, layerwise):
 
 
 def orthogonal_component(grads, perturbed_grads, *, layerwise=False):
-    """LookSAM's stored direction (Liu et al., "Towards Efficient and Scalable
-    Sharpness-Aware Minimization", CVPR 2022, Algorithm 1):
+    """The part of `b = perturbed_grads` orthogonal to `a = grads`:
 
-        g_v = g_s - (<g, g_s> / ||g||^2) g
+        b - (<a, b> / ||a||^2) a
 
-    the part of the SAM gradient `g_s` orthogonal to the clean gradient `g`,
     with the inner product and norm over all weights, or per weight tensor
-    when `layerwise` (the paper's large-batch variant). Where `g` is 0,
-    `g_v = g_s`.
+    when `layerwise`; where `a` is 0, `b` itself.
+
+    LookSAM's stored direction `g_v = g_s - (<g, g_s> / ||g||^2) g` (Liu et
+    al., "Towards Efficient and Scalable Sharpness-Aware Minimization", CVPR
+    2022, Algorithm 1; `layerwise` is its large-batch variant) is
+    `orthogonal_component(g, g_s)`; GSAM's `g_perp` is
+    `orthogonal_component(g_asc, g)`.
     """
 
     def coefficient(g, g_s):
@@ -239,3 +259,78 @@ def rescale_to_norm(tensors, norm):
     """`tensors * norm / ||tensors||` (unchanged where their norm is 0)."""
     factor = safe_divide(norm, global_norm(tensors), ops.ones_like(norm))
     return _kernels.scale(tensors, factor)
+
+
+def surrogate_gap_coefficient(perturbed_grads, grads):
+    """`<g, g_asc> / ||g_asc||^2` over all weights (0 where `g_asc` is 0)."""
+    return safe_divide(_dot(grads, perturbed_grads), _dot(perturbed_grads, perturbed_grads), ops.zeros((), "float32"))
+
+
+def surrogate_gap_update(perturbed_grads, grads, alpha, *, coefficient=None):
+    """GSAM's update gradient (Zhuang et al. 2022, Algorithm 1):
+
+        g_perp = g - c g_asc,   c = <g, g_asc> / ||g_asc||^2
+        update = g_asc - alpha * g_perp = (1 + alpha c) g_asc - alpha g
+
+    `g_perp`, the clean gradient's component orthogonal to the perturbed
+    one, ascends the surrogate gap `L(w + e) - L(w)`; subtracting it lowers
+    the gap without changing the descent along `g_asc`. `coefficient` is `c`
+    when the caller has it (from all-reduced gradients while `grads` are a
+    replica's share: the update is linear in the gradients, so the
+    replicas' shares sum to the global update).
+    """
+    if coefficient is None:
+        coefficient = surrogate_gap_coefficient(perturbed_grads, grads)
+    return [
+        None if g_asc is None else (
+            g_asc if g is None
+            else (1.0 + alpha * ops.cast(coefficient, ops.dtype(g_asc))) * g_asc - alpha * g
+        )
+        for g_asc, g in zip(perturbed_grads, grads)
+    ]
+
+
+def friendly_momentum(momentum, grads, lmbda, *, grad_scale=None):
+    """F-SAM's estimate of the full gradient (Li et al. 2024, Algorithm 1):
+
+        m_t = lmbda * m_{t-1} + (1 - lmbda) * g_t
+
+    an exponential moving average of the unscaled batch gradients (`m_0 =
+    0`); a `None` gradient leaves its entry unchanged.
+    """
+    inv_scale = 1.0 if grad_scale is None else 1.0 / grad_scale
+    return [
+        m if g is None else lmbda * m + (1.0 - lmbda) * ops.cast(g, m.dtype) * ops.cast(inv_scale, m.dtype)
+        for m, g in zip(momentum, grads)
+    ]
+
+
+def friendly_ascent_direction(grads, momentum, sigma, *, grad_scale=None):
+    """F-SAM's ascent direction (Li et al. 2024, Algorithm 1):
+
+        d_t = g_t - sigma * m_t
+
+    the batch gradient less (sigma times) the estimate of the full gradient,
+    in the units of `grads` (times `grad_scale` when they carry one); SAM's
+    ascent then normalizes `d_t` instead of `g_t`.
+    """
+    scale = 1.0 if grad_scale is None else grad_scale
+    return [
+        None if g is None else g - ops.cast(sigma * ops.cast(scale, m.dtype) * m, ops.dtype(g))
+        for g, m in zip(grads, momentum)
+    ]
+
+
+def weighted_sharpness_gradient(perturbed_grads, grads, gamma):
+    """WSAM's gradient of `L(w) + gamma / (1 - gamma) * (L(w + e) - L(w))`
+    (Yue et al. 2023):
+
+        g + gamma / (1 - gamma) * (g_asc - g)
+
+    gamma = 1/2 is SAM's `g_asc`, gamma = 0 the clean gradient.
+    """
+    weight = gamma / (1.0 - gamma)
+    return [
+        None if g_asc is None else g_asc if g is None else g + weight * (g_asc - g)
+        for g_asc, g in zip(perturbed_grads, grads)
+    ]

@@ -1,0 +1,114 @@
+"""Which trainable weights a SAM step perturbs: the `perturb=` argument.
+
+Presets:
+  "all":       every trainable weight (SAM).
+  "no_norm":   all but the weights of normalization layers and biases.
+  "norm_only": only the weights of normalization layers (SAM-ON: Mueller et
+               al., "Normalization Layers Are All That Sharpness-Aware
+               Minimization Needs", NeurIPS 2023).
+
+A normalization layer is an instance of one of Keras's normalization layers
+(`BatchNormalization`, `LayerNormalization`, `GroupNormalization`,
+`RMSNormalization`, ...) or of a class whose name ends in `Normalization`
+or `Norm` (KerasHub's and users' own, e.g. `RMSNorm`). A bias is a
+variable named `bias` or ending in `_bias` (Dense, Conv, EinsumDense, RNN
+cells, attention). Anything else, e.g.
+`lambda v: "embedding" not in v.path`, is a callable taking the
+`keras.Variable` and returning a bool.
+"""
+
+import keras
+
+PRESETS = ("all", "no_norm", "norm_only")
+
+
+def check_perturb(perturb):
+    if callable(perturb) and not isinstance(perturb, str):
+        return
+    if perturb not in PRESETS:
+        raise ValueError(
+            f"Argument `perturb` must be one of {PRESETS} or a callable taking a "
+            "keras.Variable and returning a bool (True: perturbed). "
+            f"Received: perturb={perturb!r}"
+        )
+
+
+def _normalization_types():
+    names = (
+        "BatchNormalization",
+        "LayerNormalization",
+        "GroupNormalization",
+        "UnitNormalization",
+        "RMSNormalization",
+    )
+    return tuple(getattr(keras.layers, n) for n in names if hasattr(keras.layers, n))
+
+
+def is_normalization_layer(layer):
+    if isinstance(layer, keras.layers.Wrapper):
+        return False  # e.g. SpectralNormalization: the weights are the wrapped layer's
+    name = type(layer).__name__
+    return (
+        isinstance(layer, _normalization_types())
+        or name.endswith("Normalization")
+        or name.endswith("Norm")
+    )
+
+
+def is_bias(variable):
+    name = variable.name.rpartition("/")[2]
+    return name == "bias" or name.endswith("_bias")
+
+
+def _layers(model):
+    """Every layer inside `model`, itself included, depth first."""
+    seen, stack, found = set(), [model], []
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        found.append(layer)
+        stack.extend(getattr(layer, "_layers", []))
+    return found
+
+
+def perturbed_mask(perturb, variables, model):
+    """A bool per variable of `variables` (True: perturbed), or `None` when
+    every variable is.
+
+    Raises:
+        ValueError: when the selection leaves no weight perturbed (SAM would
+            silently be plain training), or a callable returns a non-bool.
+    """
+    if perturb == "all":
+        return None
+    if callable(perturb) and not isinstance(perturb, str):
+        mask = []
+        for v in variables:
+            keep = perturb(v)
+            if not isinstance(keep, bool):
+                raise ValueError(
+                    "Argument `perturb` must return a bool for each variable. "
+                    f"Received: perturb({v.path!r}) = {keep!r}"
+                )
+            mask.append(keep)
+    else:
+        norm_ids = {
+            id(v)
+            for layer in _layers(model)
+            if is_normalization_layer(layer)
+            for v in layer.weights
+        }
+        in_norm = [id(v) in norm_ids for v in variables]
+        if perturb == "norm_only":
+            mask = in_norm
+        else:
+            mask = [not n and not is_bias(v) for n, v in zip(in_norm, variables)]
+    if variables and not any(mask):
+        raise ValueError(
+            f"Argument `perturb={perturb!r}` selects none of the model's "
+            f"{len(variables)} trainable weights, so no step would be "
+            "sharpness-aware. Select at least one weight, or train without SAM."
+        )
+    return None if all(mask) else mask
