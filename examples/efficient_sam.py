@@ -75,7 +75,11 @@ LOOKSAM_ALPHA = 0.7  # the paper's and keras_ssam's default
 LOOKSAM_SMALL_ALPHA = 0.3
 RST_PROBABILITY = 0.5
 LATE_FRACTION = 0.3  # SAM in the last 30% of the epochs
-COLORS = {m: f"C{i}" if i < 10 else "k" for i, m in enumerate(METHODS)}
+
+
+def color(method, methods):
+    i = list(methods).index(method)
+    return f"C{i}" if i < 10 else ("k", "grey", "olive")[(i - 10) % 3]
 
 
 def late_phase(start):
@@ -115,7 +119,7 @@ def make_optimizer(method, lr, seed, late_start, args):
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def train(method, lr, seed, data, args):
+def train(method, lr, seed, data, args, make=make_optimizer):
     x_train, x_test, y_train, y_test = data
     steps_per_epoch = -(-len(x_train) // args.batch_size)
     # Late phase: from the first step of epoch round(0.7 * epochs) (0-based) on.
@@ -125,7 +129,7 @@ def train(method, lr, seed, data, args):
     if method != "SGD":
         model = keras_ssam.SAMModel(model, diagnostics=True)
     model.compile(
-        optimizer=make_optimizer(method, lr, seed, late_start, args),
+        optimizer=make(method, lr, seed, late_start, args),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
@@ -255,7 +259,7 @@ def plot(rows, runs, methods, lrs, path):
         pts = [(j, r) for j, lr in enumerate(lrs) for r in rows if r["method"] == m and r["lr"] == lr]
         if pts:
             ax.bar([j + (i - (len(methods) - 1) / 2) * width for j, _ in pts], [r["mean"] for _, r in pts],
-                   width, yerr=[r["std"] for _, r in pts], capsize=2, color=COLORS[m], label=m)
+                   width, yerr=[r["std"] for _, r in pts], capsize=2, color=color(m, methods), label=m)
     ax.set_xticks(range(len(lrs)))
     ax.set_xticklabels([f"lr {lr:g}" for lr in lrs])
     ax.set_ylabel("test accuracy (mean +- std over seeds)")
@@ -269,7 +273,7 @@ def plot(rows, runs, methods, lrs, path):
         if r["lr"] != lrs[0] or r["time_vs_sgd"] is None:
             continue
         ax.errorbar(r["time_vs_sgd"], r["mean"], yerr=r["std"], marker="o", capsize=3,
-                    color=COLORS[r["method"]])
+                    color=color(r["method"], methods))
         ax.annotate(r["method"], (r["time_vs_sgd"], r["mean"]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("wall time per epoch / SGD's")
@@ -282,7 +286,7 @@ def plot(rows, runs, methods, lrs, path):
         run = next((r for r in runs if r["method"] == m and r["lr"] == lrs[0] and r["seed"] == seed), None)
         if run and "sam_step_fraction" in run["history"]:
             f = run["history"]["sam_step_fraction"]
-            ax.plot(range(1, len(f) + 1), f, marker=".", color=COLORS[m], label=m)
+            ax.plot(range(1, len(f) + 1), f, marker=".", color=color(m, methods), label=m)
     ax.set_xlabel("epoch")
     ax.set_ylabel("fraction of steps with the perturbed pass")
     ax.set_title(f"(c) SAM steps per epoch (lr {lrs[0]:g}, seed {seed})")
@@ -295,10 +299,13 @@ def plot(rows, runs, methods, lrs, path):
     plt.close(fig)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated, from {','.join(METHODS)} (SGD is the time reference)")
+def main(methods_known=METHODS, make=make_optimizer, name="efficient_sam", description=__doc__):
+    """The comparison's command line; other examples run it with their own
+    methods (`make(method, lr, seed, late_start, args)` builds the
+    optimizer) and output name."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(methods_known),
+                        help=f"comma-separated, from {','.join(methods_known)} (SGD is the time reference)")
     parser.add_argument("--lrs", type=floats, default=floats("0.1,0.2"),
                         help="learning rates; times are relative to SGD at the first")
     parser.add_argument("--seeds", type=ints, default=ints("0,1,2"))
@@ -323,9 +330,9 @@ def main():
         args.lrs, args.seeds, args.epochs, args.train_examples = args.lrs[:1], [0], 2, 320
         args.flatness_examples, args.power_iterations = 128, 2
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(methods_known))
     if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {','.join(METHODS)}")
+        parser.error(f"unknown method(s) {unknown}; choose from {','.join(methods_known)}")
     if not args.lrs or not args.seeds:
         parser.error("--lrs and --seeds need at least one value each")
     flat_lr = args.lrs[0] if args.flatness_lr is None else args.flatness_lr
@@ -346,7 +353,7 @@ def main():
     for lr in args.lrs:
         for seed in args.seeds:
             for method in methods:  # methods interleaved: a slow phase of the machine hits all
-                model, run = train(method, lr, seed, data, args)
+                model, run = train(method, lr, seed, data, args, make)
                 runs.append(run)
                 if lr == flat_lr and seed in flat_seeds:
                     kept.append((run, model))
@@ -375,10 +382,10 @@ def main():
     print("\n" + note + "\n\n" + table)
 
     os.makedirs(args.out, exist_ok=True)
-    png = os.path.join(args.out, "efficient_sam.png")
+    png = os.path.join(args.out, f"{name}.png")
     plot(rows, runs, methods, args.lrs, png)
     total = time.perf_counter() - start
-    with open(os.path.join(args.out, "efficient_sam.json"), "w") as f:
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(
             {
                 "backend": keras.backend.backend(),
@@ -395,7 +402,7 @@ def main():
             f,
             indent=1,
         )
-    print(f"\nsaved {png} and efficient_sam.json; training {train_seconds:.0f} s, "
+    print(f"\nsaved {png} and {name}.json; training {train_seconds:.0f} s, "
           f"total {total:.0f} s")
 
 

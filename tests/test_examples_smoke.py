@@ -112,3 +112,20 @@ def test_efficient_sam_quick_covers_every_method(tmp_path):
                 "LookSAM-a0.3": 0.2, "late-SAM": 0.5, "late-SSAM": 0.5}
     assert {m: fractions[m] for m in expected} == pytest.approx(expected, abs=1e-6), fractions
     assert 0 < fractions["RST-SAM"] < 1, fractions
+
+
+def test_sam_family_quick_covers_every_method(tmp_path):
+    """The SAM-family example's CI mode: every variant trains a perturbed
+    pass on every step, with finite weights, and the JSON and plot exist."""
+    import json
+
+    stdout = run_example("sam_family_digits.py", "--quick", "--out", str(tmp_path))
+    assert (tmp_path / "sam_family_digits.png").stat().st_size > 0
+    result = json.loads((tmp_path / "sam_family_digits.json").read_text())
+    fractions = {r["method"]: r["sam_step_fraction"] for r in result["summary"]}
+    methods = ("SGD", "SAM", "SSAM", "GSAM", "GSAM-stable", "F-SAM", "F-SAM-stable", "WSAM", "WSAM-stable")
+    assert fractions == pytest.approx({m: float(m != "SGD") for m in methods}), stdout
+    # The stable and plain forms are different optimizers: their runs differ.
+    losses = {r["method"]: r["final_train_loss"] for r in result["runs"]}
+    for name in ("GSAM", "F-SAM", "WSAM"):
+        assert losses[name] != losses[name + "-stable"], losses
