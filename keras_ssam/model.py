@@ -445,7 +445,10 @@ def _cond(pred, true_fn, false_fn, missing):
 
         return branch
 
-    update, stats, state = ops.cond(pred, present(true_fn), present(false_fn))
+    # A backend may bring its own conditional (JAX: convolutions in the
+    # layout XLA:CPU runs fast inside a branch).
+    cond = getattr(backend_module("", "keras_ssam"), "cond", ops.cond)
+    update, stats, state = cond(pred, present(true_fn), present(false_fn))
     update = iter(update)
     return [None if m else next(update) for m in missing], stats, list(state)
 

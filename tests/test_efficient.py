@@ -860,3 +860,90 @@ def test_probability_survives_a_retrace_on_a_partial_last_batch():
     history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history
     drawn = step_draws(0, range(6)) < 0.5
     np.testing.assert_allclose(history["sam_step_fraction"], [drawn[:3].mean(), drawn[3:].mean()], rtol=1e-6)
+
+
+def _conv_sam_model(optimizer):
+    keras.utils.set_random_seed(5)
+    inner = keras.Sequential([
+        keras.Input((8, 8, 2)),
+        keras.layers.Conv2D(4, 3, padding="same", activation="tanh"),
+        keras.layers.Conv2D(3, 3, strides=2, activation="tanh"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(2),
+    ])
+    model = keras_ssam.SAMModel(inner)
+    model.compile(optimizer=optimizer, loss="mse")
+    return model, inner
+
+
+def test_conditional_perturbed_pass_on_a_conv_net_equals_sam():
+    """A convolutional network whose perturbed pass runs inside the compiled
+    conditional (`sam_probability` a callable that is always 1: the choice is
+    a tensor) trains exactly as SAM without one. On JAX the conditional's
+    branches are rewritten so XLA:CPU runs their convolutions fast
+    (`backend/jax_conv_layout.py`): the rewrite must not change a number."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 8, 8, 2)).astype("float32")
+    y = rng.standard_normal((16, 2)).astype("float32")
+    results = []
+    for probability in (1.0, lambda it: ops_ones_like_float(it)):
+        model, inner = _conv_sam_model(
+            keras_ssam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.1,
+                           sam_probability=probability, seed=0))
+        model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+        results.append([keras.ops.convert_to_numpy(v) for v in inner.weights])
+    _assert_params_close(results[1], results[0])
+    # Not vacuous: plain SGD (sam_probability 0) ends elsewhere.
+    model, inner = _conv_sam_model(
+        keras_ssam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.1, sam_probability=0.0))
+    model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    _assert_differs([keras.ops.convert_to_numpy(v) for v in inner.weights], results[0], 1e-5, "plain SGD")
+
+
+def ops_ones_like_float(iteration):
+    return keras.ops.ones_like(iteration)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="XLA:CPU's convolution layouts inside lax.cond are a JAX matter")
+def test_jax_conditional_branches_hold_only_canonical_convolutions():
+    """The rewrite's contract: the branch's gradient convolutions all read
+    NHWC inputs and HWIO kernels (the layout XLA:CPU calls Eigen for), and
+    the values equal the unrewritten function's."""
+    import jax
+    from keras_ssam.backend.jax_conv_layout import canonical_convolutions
+
+    rng = np.random.default_rng(1)
+    x = jax.numpy.asarray(rng.standard_normal((4, 8, 8, 3)), "float32")
+    k = jax.numpy.asarray(rng.standard_normal((3, 3, 3, 5)), "float32")
+
+    def loss(kernel):
+        out = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.numpy.sum(jax.numpy.tanh(out) ** 2)
+
+    def branch():
+        return jax.grad(loss)(k)
+
+    def conv_specs(fn):
+        jaxpr = jax.make_jaxpr(fn)()
+        found = []
+
+        def walk(j):
+            for e in j.eqns:
+                if e.primitive is jax.lax.conv_general_dilated_p:
+                    dn = e.params["dimension_numbers"]
+                    found.append((tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)))
+                for p in e.params.values():
+                    inner = getattr(p, "jaxpr", p)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+        walk(jaxpr.jaxpr)
+        return found
+
+    canonical = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+    assert any(spec != canonical for spec in conv_specs(branch))  # the weight gradient is not
+    assert conv_specs(canonical_convolutions(branch)) and all(
+        spec == canonical for spec in conv_specs(canonical_convolutions(branch)))
+    np.testing.assert_allclose(np.asarray(canonical_convolutions(branch)()), np.asarray(branch()),
+                               rtol=1e-5, atol=1e-5)

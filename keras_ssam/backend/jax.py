@@ -4,6 +4,8 @@ import jax
 import keras
 from keras import StatelessScope
 
+from keras_ssam.backend.jax_conv_layout import canonical_convolutions
+
 
 def _batch_shards():
     """Number of data-parallel shards of the batch under keras.distribution."""
@@ -70,3 +72,12 @@ def train_step(model, state, data):
         new_metrics, loss, x, y, y_pred, sample_weight
     )
     return logs, (trainable, new_non_trainable, optimizer_values, new_metrics)
+
+
+def cond(pred, true_fn, false_fn):
+    """`lax.cond` for the step's conditional perturbed pass. On CPU each
+    branch's convolutions are put in the layout XLA:CPU runs fast, which it
+    does not do itself inside a branch (see `jax_conv_layout`)."""
+    if jax.default_backend() == "cpu":
+        true_fn, false_fn = canonical_convolutions(true_fn), canonical_convolutions(false_fn)
+    return jax.lax.cond(pred, true_fn, false_fn)
