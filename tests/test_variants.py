@@ -506,7 +506,7 @@ def test_friendly_sam_conventions_against_pytorch_optimizer(sigma):
     keras_ssam.FriendlySAM equals the reference in the paper's (m_0 = 0, d_t
     = g_t - sigma m_t). The first step is the same in both (d_1 is
     proportional to g_1); from the second on they differ, for sigma = 1
-    too (see the xfail test below)."""
+    too: the averages start from m_0 = 0 and m_1 = g_1."""
     import torch
 
     params, x, y = _problem(seed=16)
@@ -523,27 +523,6 @@ def test_friendly_sam_conventions_against_pytorch_optimizer(sigma):
     _check_trajectory(got, ours, what="keras vs paper reference")
     _check_trajectory(got[:1], torch32[:1], what="first step, keras vs pytorch_optimizer")
     _assert_differs(got[-1], torch32[-1], 1e-6, "the other convention")
-
-
-@torch_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="FriendlySAM's docstring says that with sigma=1 it gives pytorch_optimizer's perturbation, "
-    "but its m_0 = 0 (paper) vs pytorch_optimizer's m_1 = g_1 make d_t differ from the second step "
-    "on (e differs by ~50%); reported to the owner, not fixed in keras_ssam yet",
-)
-def test_friendly_sam_sigma1_matches_pytorch_optimizer():
-    """With sigma = 1, keras_ssam.FriendlySAM equals pytorch_optimizer's
-    FriendlySAM over 8 steps (as FriendlySAM's docstring claims)."""
-    import torch
-
-    params, x, y = _problem(seed=16)
-    batches = _batches(x, y)
-    torch32 = _torch_friendly(params, batches, torch.float32, 1.0)
-    model, inner = _sam_model(params, keras_ssam.FriendlySAM(keras.optimizers.SGD(LR, momentum=MOMENTUM),
-                                                             rho=RHO, sigma=1.0, lmbda=0.9))
-    got, _, _ = _train_steps(model, inner, batches)
-    _check_trajectory(got, torch32, what="keras vs pytorch_optimizer")
 
 
 @torch_only
