@@ -110,6 +110,13 @@ OPTIMIZERS = {
     "SSAM": lambda base, rho: keras_ssam.SSAM(base, rho=rho),
     "SSAM_normalized": lambda base, rho: keras_ssam.SSAM(base, rho=rho, normalize=True),
     "ASAM": lambda base, rho: keras_ssam.SAM(base, rho=rho, adaptive=True),
+    # GSAM: u = g gives (1 + alpha) g - alpha g = g; WSAM: g + a (g - g) = g;
+    # F-SAM: d = g - m_t keeps g's sign here, so w + e is past the kink too.
+    "GSAM": lambda base, rho: keras_ssam.GSAM(base, rho=rho, alpha=0.4),
+    "GSAM_stable": lambda base, rho: keras_ssam.GSAM(base, rho=rho, alpha=0.4, stable=True),
+    "FriendlySAM": lambda base, rho: keras_ssam.FriendlySAM(base, rho=rho),
+    "WSAM": lambda base, rho: keras_ssam.WSAM(base, rho=rho),
+    "WSAM_coupled": lambda base, rho: keras_ssam.WSAM(base, rho=rho, decouple=False),
 }
 
 
