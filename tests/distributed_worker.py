@@ -1,7 +1,11 @@
 """Trains the same small model on one device and data-parallel, in one
 process with simulated CPU devices, and prints the weights as JSON.
 
-    python tests/distributed_worker.py jax|tensorflow|jax-model-parallel
+    python tests/distributed_worker.py jax|tensorflow|jax-model-parallel [variants]
+
+With `variants`, trains GSAM (normalized, and stable), FriendlySAM and WSAM
+(decoupled) with the global perturbation scope on one device and data
+parallel instead; a run that raises records the error and its traceback.
 
 Run in a subprocess by tests/test_distributed.py: the device count has to be
 fixed before the backend initializes.
@@ -26,6 +30,7 @@ if MODE == "tensorflow":
     )
 
 import contextlib
+import traceback
 
 import keras
 import numpy as np
@@ -42,8 +47,17 @@ def data():
     return x, y
 
 
-def train(distributed, scope, splits=1, stable=True):
-    """Weights and History after 2 epochs of 4 batches of SSAM (or SAM)."""
+VARIANTS = {
+    "gsam": lambda base: keras_ssam.GSAM(base, rho=0.2, alpha=0.3),
+    "gsam_stable": lambda base: keras_ssam.GSAM(base, rho=0.5, alpha=0.3, normalize=False, stable=True),
+    "friendly_sam": lambda base: keras_ssam.FriendlySAM(base, rho=0.2, sigma=1.0, lmbda=0.8),
+    "wsam_decoupled": lambda base: keras_ssam.WSAM(base, rho=0.2, gamma=0.8, decouple=True),
+}
+
+
+def train(distributed, scope, splits=1, stable=True, variant=None):
+    """Weights and History after 2 epochs of 4 batches of SSAM (or SAM, or
+    a VARIANTS optimizer)."""
     keras.utils.set_random_seed(0)
     context = contextlib.nullcontext()
     if distributed and MODE == "tensorflow":
@@ -73,15 +87,46 @@ def train(distributed, scope, splits=1, stable=True):
                 inner, diagnostics=True, num_batch_splits=splits, perturbation_scope=scope
             )
             base = keras.optimizers.SGD(0.1, momentum=0.9)
-            optimizer = keras_ssam.SSAM(base, rho=0.5) if stable else keras_ssam.SAM(base, rho=0.2)
+            if variant is not None:
+                optimizer = VARIANTS[variant](base)
+            elif stable:
+                optimizer = keras_ssam.SSAM(base, rho=0.5)
+            else:
+                optimizer = keras_ssam.SAM(base, rho=0.2)
             model.compile(optimizer=optimizer, loss="mse")
         x, y = data()
         history = model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
         weights = [np.asarray(w, np.float64).tolist() for w in model.get_weights()]
-        return {"weights": weights, "history": history.history}
+        result = {"weights": weights, "history": history.history}
+        if distributed and MODE == "tensorflow":
+            # get_weights reads the first replica's copy: check the others.
+            result["replicas_agree"] = all(
+                np.array_equal(copies[0].numpy(), c.numpy())
+                for copies in (v.value.values for v in model.trainable_variables)
+                for c in copies
+            )
+        return result
     finally:
         if distributed and MODE != "tensorflow":
             keras.distribution.set_distribution(None)
+
+
+def train_or_error(*args, **kwargs):
+    try:
+        return train(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001  (reported to the test)
+        return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+
+
+def main_variants():
+    result = {
+        name: {
+            "single": train_or_error(False, "global", variant=name),
+            "global": train_or_error(True, "global", variant=name),
+        }
+        for name in VARIANTS
+    }
+    print("RESULT " + json.dumps(result))
 
 
 def main():
@@ -99,4 +144,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[2:] == ["variants"]:
+        main_variants()
+    else:
+        main()
