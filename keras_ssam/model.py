@@ -173,6 +173,14 @@ class SAMModel(keras.Model):
             return None
         return scale
 
+    def make_train_function(self, force=False):
+        # Resolve `perturb` before the first step: a bad selection raises
+        # here, while the variables are intact (on JAX `fit` moves them into
+        # the step's state first).
+        if self.built and find_sam_optimizer(getattr(self, "_compiled_optimizer", None)) is not None:
+            self._perturbed_mask()
+        return super().make_train_function(force=force)
+
     def train_step(self, *args):
         return backend_module("", "keras_ssam").train_step(self, *args)
 

@@ -18,6 +18,7 @@ from keras import ops
 
 from keras_ssam import sam_math
 from keras_ssam._validation import check_int, check_number
+from keras_ssam.backend import backend_module
 from keras_ssam.perturb import check_perturb
 
 _SAM_MODEL_HINT = (
@@ -455,6 +456,11 @@ class SAM(keras.optimizers.Optimizer):
                 if trainable_variables is None
                 else trainable_variables
             )
+            # Under tf.distribute each replica holds a share of the term; every
+            # replica's copy of the weights takes the sum.
+            sum_over_replicas = getattr(backend_module("", "keras_ssam"), "sum_over_replicas", None)
+            if sum_over_replicas is not None:
+                decoupled = sum_over_replicas(decoupled)
             # The learning rate of this step, before `apply` advances it.
             learning_rate = ops.convert_to_tensor(self.base_optimizer.learning_rate)
             self.base_optimizer.apply(grads, trainable_variables)

@@ -18,6 +18,7 @@ cells, attention). Anything else, e.g.
 """
 
 import keras
+import numpy as np
 
 PRESETS = ("all", "no_norm", "norm_only")
 
@@ -87,6 +88,8 @@ def perturbed_mask(perturb, variables, model):
         mask = []
         for v in variables:
             keep = perturb(v)
+            if isinstance(keep, np.bool_):
+                keep = bool(keep)
             if not isinstance(keep, bool):
                 raise ValueError(
                     "Argument `perturb` must return a bool for each variable. "

@@ -68,13 +68,6 @@ def test_local_scope_perturbs_each_replica_with_its_own_gradient(runs):
 
 VARIANT_MODES = {"jax": "jax", "tensorflow": "tensorflow"}
 VARIANTS = ("gsam", "gsam_stable", "friendly_sam", "wsam_decoupled")
-WSAM_TF_BUG = (
-    "keras_ssam bug: WSAM(decouple=True) under tf.distribute.MirroredStrategy "
-    "assigns `w - lr * term` in the replica context with each replica's own "
-    "share of the decoupled term; the weights have aggregation 'none', so each "
-    "replica's copy takes its own value: the copies diverge and the first one "
-    "is 0.07 off the single-device run after 8 steps"
-)
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +84,7 @@ def _assert_ran(run, what):
 @pytest.mark.parametrize(
     "variant",
     [
-        pytest.param(
-            v,
-            marks=pytest.mark.xfail(
-                BACKEND == "tensorflow" and v == "wsam_decoupled", reason=WSAM_TF_BUG, strict=True
-            ),
-        )
-        for v in VARIANTS
+        v for v in VARIANTS
     ],
 )
 def test_variant_global_scope_equals_single_device(variant_runs, variant):

@@ -345,18 +345,30 @@ def _linear_sam_model(perturb):
 )
 def test_bad_selection_raises_at_fit_and_changes_nothing(perturb, pattern):
     x, y = np.ones((4, 3), "float32"), np.ones((4, 2), "float32")
-    model, _ = _linear_sam_model(perturb)
+    model, inner = _linear_sam_model(perturb)
+    before = [w.copy() for w in inner.get_weights()]
     with pytest.raises(ValueError, match=pattern):
         model.fit(x, y, verbose=0)
-    # (After an exception inside `fit`, Keras's JAX trainer leaves the
-    # variables purged, as for any error in a plain keras.Model's
-    # train_step: the weights are checked after train_on_batch instead.)
+    # The selection is resolved before the first step (make_train_function),
+    # while the variables are intact: on JAX too, the model stays usable.
+    for a, b in zip(before, inner.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    model.predict(x, verbose=0)
     model, inner = _linear_sam_model(perturb)
     before = [w.copy() for w in inner.get_weights()]
     with pytest.raises(ValueError, match=pattern):
         model.train_on_batch(x, y)
     for a, b in zip(before, inner.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_callable_may_return_a_numpy_bool():
+    """`lambda v: np.prod(v.shape) > 2` returns `np.bool_`: accepted as a
+    bool. On the linear model it keeps the (3, 2) kernel, not the bias."""
+    x, y = np.ones((4, 3), "float32"), np.ones((4, 2), "float32")
+    model, inner = _linear_sam_model(lambda v: np.prod(v.shape) > 2)
+    model.train_on_batch(x, y)
+    assert model._perturbed_mask() == [True, False]
 
 
 # ---------------------------------------------------------------------------

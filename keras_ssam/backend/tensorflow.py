@@ -28,6 +28,14 @@ def _replica_all_reduce():
     return context.num_replicas_in_sync, all_reduce
 
 
+def sum_over_replicas(values):
+    """`values` summed over the tf.distribute replicas (as they are with
+    one): a term each replica holds a share of, to be applied the same on
+    every replica's copy of the weights (WSAM's decoupled term)."""
+    _, all_reduce = _replica_all_reduce()
+    return values if all_reduce is None else all_reduce(values)
+
+
 def train_step(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     if not model.built:
