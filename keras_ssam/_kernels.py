@@ -11,7 +11,7 @@ fewest full-size passes the backend allows. The formulas stay in
   full size first (without XLA). Row norms don't (the reduction runs over
   short rows, which also keeps float32 sums accurate); TensorFlow has the
   one-pass kernel `tf.nn.l2_loss`.
-- `scale_`, `add_`, `where_`: torch works in place with multi-tensor kernels
+- `scale_`, `add_`, `add_scaled_`, `where_`: torch works in place with multi-tensor kernels
   (`torch._foreach_mul_`, `torch._foreach_add_`, as Keras's own torch
   optimizers do), neither allocating nor page-faulting another copy of the
   weights' size: e is computed in the clean gradient's memory and w + e in
@@ -113,6 +113,29 @@ def add_(tensors, others):
     ]
     for _, group, partners in groups.values():
         torch._foreach_add_(group, partners)
+    return result
+
+
+def add_scaled_(tensors, others, factors):
+    """`[t + f * o for t, o, f in zip(tensors, others, factors)]` with
+    scalar tensors `factors`, overwriting `tensors` where it can (as
+    `scale_`): on torch one pass per tensor, without a temporary `f * o`.
+    `None` in `tensors` stays `None`."""
+    if keras.backend.backend() != "torch":
+        return [
+            None if t is None else t + ops.cast(f, ops.dtype(t)) * o
+            for t, o, f in zip(tensors, others, factors)
+        ]
+    import torch
+
+    groups = _torch_groups(tensors, [(o, f) for o, f in zip(others, factors)])
+    in_place = {i for indices, _, _ in groups.values() for i in indices}
+    result = [
+        t if t is None or i in in_place else t + f.to(t.dtype) * o
+        for i, (t, o, f) in enumerate(zip(tensors, others, factors))
+    ]
+    for dtype, (_, group, partners) in groups.items():
+        torch._foreach_addcmul_(group, [o for o, _ in partners], [f.to(dtype) for _, f in partners])
     return result
 
 

@@ -96,11 +96,15 @@ class LookSAM(SAM):
         return list(self._orthogonal)
 
     def skipped_update(self, grads):
+        grad_norm = sam_math.global_norm(grads) if self.stable else None
+        # The step gives the clean gradients up: torch adds the reused
+        # direction in their memory.
         update = sam_math.reuse_orthogonal_component(
-            grads, [v.value for v in self._orthogonal], self.alpha, layerwise=self.layerwise
+            grads, [v.value for v in self._orthogonal], self.alpha, layerwise=self.layerwise,
+            overwrite_grads=True,
         )
         if self.stable:
-            update = sam_math.rescale_to_norm(update, sam_math.global_norm(grads))
+            update = sam_math.rescale_to_norm(update, grad_norm)
         return update
 
     def _perturbed_step_state(self, grads, perturbed_grads, grad_norm, grad_scale=None):

@@ -271,7 +271,8 @@ class SAM(keras.optimizers.Optimizer):
 
     def skipped_update(self, grads):
         """The gradient handed to the base optimizer on a step without the
-        perturbed pass: the clean gradient."""
+        perturbed pass: the clean gradient. The step gives `grads` up (torch
+        may compute the result in their memory)."""
         return list(grads)
 
     def _perturbed_step_state(self, grads, perturbed_grads, grad_norm, grad_scale=None):

@@ -234,14 +234,15 @@ def orthogonal_component(grads, perturbed_grads, *, layerwise=False):
     ]
 
 
-def reuse_orthogonal_component(grads, orthogonal, alpha, *, layerwise=False):
+def reuse_orthogonal_component(grads, orthogonal, alpha, *, layerwise=False, overwrite_grads=False):
     """LookSAM's gradient on a step without the perturbed pass (Liu et al.
     2022, Algorithm 1):
 
         g + alpha (||g|| / ||g_v||) g_v
 
     with norms over all weights, or per weight tensor when `layerwise`; a
-    `g_v` of norm 0 adds nothing.
+    `g_v` of norm 0 adds nothing. With `overwrite_grads`, the caller gives
+    `grads` up and torch computes the result in their memory.
     """
 
     def coefficient(g, g_v):
@@ -249,6 +250,8 @@ def reuse_orthogonal_component(grads, orthogonal, alpha, *, layerwise=False):
         return alpha * safe_divide(global_norm(g), global_norm(g_v), zero)
 
     coefficients = _per_tensor_or_global(coefficient, grads, orthogonal, layerwise=layerwise)
+    if overwrite_grads:
+        return _kernels.add_scaled_(grads, orthogonal, coefficients)
     return [
         None if g is None else g + ops.cast(c, ops.dtype(g)) * g_v
         for g, g_v, c in zip(grads, orthogonal, coefficients)

@@ -88,6 +88,26 @@ def test_aliasing_tensors_are_written_once():
         np.testing.assert_array_equal(_np(got), (v + np.float32(w)).astype(np.float64))
 
 
+def test_add_scaled_values_and_aliasing():
+    """`add_scaled_` (LookSAM's reuse, `g + c g_v`): exact float32 values,
+    per-tensor factors, `None` kept, aliasing tensors written once."""
+    rng = np.random.default_rng(3)
+    values = [rng.standard_normal(s).astype("float32") for s in [(4, 3), (5,)]]
+    others = [rng.standard_normal(s).astype("float32") for s in [(4, 3), (5,)]]
+    factors = [ops.convert_to_tensor(np.float32(0.5)), ops.convert_to_tensor(np.float32(-2.0))]
+    got = _kernels.add_scaled_([ops.convert_to_tensor(v) for v in values] + [None],
+                               [ops.convert_to_tensor(o) for o in others] + [None], factors + [None])
+    assert got[2] is None
+    for g, v, o, f in zip(got, values, others, [0.5, -2.0]):
+        np.testing.assert_allclose(_np(g), v.astype(np.float64) + f * o.astype(np.float64), rtol=1e-6, atol=1e-6)
+    tensors, values = _aliasing_gradients()
+    partners = [ops.ones((3,)), 2 * ops.ones((3,)), 3 * ops.ones((3,))]
+    factor = ops.convert_to_tensor(np.float32(0.25))
+    summed = _kernels.add_scaled_(tensors, partners, [factor] * 3)
+    for g, v, w in zip(summed, values, [1.0, 2.0, 3.0]):
+        np.testing.assert_array_equal(_np(g), (v + np.float32(0.25 * w)).astype(np.float64))
+
+
 class SharedSum(keras.layers.Layer):
     """`y = x * (a + b) + sum(c)`: on torch, a and b get one gradient tensor
     and c an expanded one."""
