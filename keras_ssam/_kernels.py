@@ -116,6 +116,33 @@ def add_(tensors, others):
     return result
 
 
+def dot(tensors, others):
+    """`sum_i sum(t_i * o_i)` over float tensors of one dtype, in that dtype
+    (torch: `vdot` per pair, without the product's temporary)."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return sum(torch.vdot(t.reshape(-1), o.reshape(-1)) for t, o in zip(tensors, others))
+    return sum(ops.sum(t * o) for t, o in zip(tensors, others))
+
+
+def add_scaled(tensors, others, factors):
+    """`[t + f * o for t, o, f in zip(tensors, others, factors)]` as new
+    tensors, for scalar tensors `factors` (torch: one `addcmul`, without a
+    temporary `f * o`); `None` in `tensors` stays `None`."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return [
+            None if t is None else torch.addcmul(t, o, f.to(t.dtype))
+            for t, o, f in zip(tensors, others, factors)
+        ]
+    return [
+        None if t is None else t + ops.cast(f, ops.dtype(t)) * o
+        for t, o, f in zip(tensors, others, factors)
+    ]
+
+
 def add_scaled_(tensors, others, factors):
     """`[t + f * o for t, o, f in zip(tensors, others, factors)]` with
     scalar tensors `factors`, overwriting `tensors` where it can (as

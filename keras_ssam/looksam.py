@@ -7,7 +7,7 @@ Minimization", CVPR 2022 (arXiv 2203.02714), Algorithm 1.
 import keras
 from keras import ops
 
-from keras_ssam import sam_math
+from keras_ssam import _kernels, sam_math
 from keras_ssam._validation import check_int, check_number
 from keras_ssam.optimizers import SAM
 
@@ -114,10 +114,9 @@ class LookSAM(SAM):
             grad_norm, sam_math.global_norm(perturbed_grads)
         )
         previous = [ops.convert_to_tensor(v.value) for v in self._orthogonal]
-        return [
-            p if o is None else ops.where(vanished, p, ops.cast(o, p.dtype))
-            for p, o in zip(previous, orthogonal)
-        ]
+        orthogonal = [p if o is None else ops.cast(o, p.dtype) for p, o in zip(previous, orthogonal)]
+        # The new directions are this step's own tensors: torch selects in place.
+        return _kernels.where_(vanished, orthogonal, previous)
 
     def get_config(self):
         config = super().get_config()

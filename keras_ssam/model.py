@@ -231,18 +231,30 @@ class SAMModel(keras.Model):
         sam = self.sam_optimizer()
         runs = sam._runs_perturbed_pass()
         own_state = sam._state_variables()
+        # TensorFlow and torch assign the optimizer's own variables (LookSAM's
+        # g_v) in the perturbed branch; JAX's conditional must return them,
+        # and the skipped branch returns the unchanged values.
+        assigns_in_branch = getattr(backend_module("", "keras_ssam"), "STATEFUL_CONDITIONALS", False)
 
         def perturbed():
-            return self._perturbed_update(
+            update, stats, state = self._perturbed_update(
                 sam, grads, weights, clean_loss, stateless_gradient, x, y, sample_weight,
                 replica_count=replica_count, all_reduce=all_reduce, batch_shards=batch_shards,
             )
+            if assigns_in_branch or runs is True:
+                for variable, value in zip(own_state, state):
+                    variable.assign(value)
+                state = []
+            return update, stats, state
 
         def skipped():
             stats = {}
             if self.diagnostics:
                 stats = {k: ops.zeros((), "float32") for k in DIAGNOSTICS if k != "sam_step_fraction"}
-            return sam.skipped_update(grads), stats, [ops.convert_to_tensor(v.value) for v in own_state]
+            state = [] if assigns_in_branch or runs is False else [
+                ops.convert_to_tensor(v.value) for v in own_state
+            ]
+            return sam.skipped_update(grads), stats, state
 
         if runs is True:
             update, stats, state = perturbed()

@@ -195,6 +195,8 @@ def _dot(a, b):
     if not pairs:
         return ops.zeros((), "float32")
     dtype = _norm_dtype([x for x, _ in pairs])
+    if all(ops.dtype(x) == dtype and ops.dtype(y) == dtype for x, y in pairs):
+        return _kernels.dot([x for x, _ in pairs], [y for _, y in pairs])
     return sum(ops.sum(ops.cast(x, dtype) * ops.cast(y, dtype)) for x, y in pairs)
 
 
@@ -228,10 +230,16 @@ def orthogonal_component(grads, perturbed_grads, *, layerwise=False):
         return safe_divide(_dot(g, g_s), _dot(g, g), ops.zeros((), "float32"))
 
     coefficients = _per_tensor_or_global(coefficient, grads, perturbed_grads, layerwise=layerwise)
-    return [
-        None if g_s is None else g_s - ops.cast(c, ops.dtype(g_s)) * g
-        for g, g_s, c in zip(grads, perturbed_grads, coefficients)
-    ]
+    both = [i for i, (g, g_s) in enumerate(zip(grads, perturbed_grads)) if g is not None and g_s is not None]
+    new = _kernels.add_scaled(
+        [perturbed_grads[i] for i in both],
+        [grads[i] for i in both],
+        [-ops.cast(coefficients[i], ops.dtype(perturbed_grads[i])) for i in both],
+    )
+    result = list(perturbed_grads)
+    for i, value in zip(both, new):
+        result[i] = value
+    return result
 
 
 def reuse_orthogonal_component(grads, orthogonal, alpha, *, layerwise=False, overwrite_grads=False):

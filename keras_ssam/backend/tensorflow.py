@@ -36,6 +36,11 @@ def sum_over_replicas(values):
     return values if all_reduce is None else all_reduce(values)
 
 
+# The SAM optimizer's own variables may be assigned inside the step's
+# conditional branch (model._sam_update_gradients).
+STATEFUL_CONDITIONALS = True
+
+
 def train_step(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     if not model.built:

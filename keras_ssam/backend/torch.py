@@ -41,6 +41,11 @@ def _check_single_process():
         )
 
 
+# The SAM optimizer's own variables may be assigned inside the step's
+# conditional branch (model._sam_update_gradients).
+STATEFUL_CONDITIONALS = True
+
+
 def train_step(model, data):
     _check_single_process()
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
