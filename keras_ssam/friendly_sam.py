@@ -82,9 +82,11 @@ class FriendlySAM(SAM):
         )
 
     def perturbation(self, grads, weights, grad_scale=None, overwrite_grads=False, mask=None):
-        direction = sam_math.friendly_ascent_direction(
-            grads, self._new_momentum(grads, grad_scale), self.sigma, grad_scale=grad_scale
-        )
+        momentum = self._new_momentum(grads, grad_scale)
+        # Kept for this step's `_perturbed_step_state` (same gradients), so
+        # the average is computed once; in __dict__, untracked by Keras.
+        self.__dict__["_step_momentum"] = (grads, momentum)
+        direction = sam_math.friendly_ascent_direction(grads, momentum, self.sigma, grad_scale=grad_scale)
         perturbations, _ = sam_math.sam_perturbation(
             direction, weights, self.current_rho(), normalize=self.normalize,
             adaptive=self.adaptive, eta=self.eta, epsilon=self.epsilon,
@@ -97,6 +99,9 @@ class FriendlySAM(SAM):
         return perturbations, grad_norm
 
     def _perturbed_step_state(self, grads, perturbed_grads, grad_norm, grad_scale=None):
+        pending = self.__dict__.pop("_step_momentum", None)
+        if pending is not None and pending[0] is grads:
+            return pending[1]
         return self._new_momentum(grads, grad_scale)
 
     def get_config(self):

@@ -790,10 +790,11 @@ def test_good_edge_arguments_accepted(cls_name):
     """The ends of the ranges are valid."""
     cls = getattr(keras_ssam, cls_name)
     for p in (0.0, 1.0, 0, 1, lambda it: 0.5):
-        cls(keras.optimizers.SGD(0.1), sam_probability=p, seed=0)
+        assert cls(keras.optimizers.SGD(0.1), sam_probability=p, seed=0).sam_probability is p
     if cls_name == "LookSAM":
         for alpha in (0.0, 1.0):
-            cls(keras.optimizers.SGD(0.1), k=1, alpha=alpha, layerwise=True)
+            opt = cls(keras.optimizers.SGD(0.1), k=1, alpha=alpha, layerwise=True)
+            assert (opt.k, opt.alpha, opt.layerwise) == (1, alpha, True)
 
 
 # ---------------------------------------------------------------------------
@@ -886,7 +887,7 @@ def test_conditional_perturbed_pass_on_a_conv_net_equals_sam():
     x = rng.standard_normal((16, 8, 8, 2)).astype("float32")
     y = rng.standard_normal((16, 2)).astype("float32")
     results = []
-    for probability in (1.0, lambda it: ops_ones_like_float(it)):
+    for probability in (1.0, keras.ops.ones_like):
         model, inner = _conv_sam_model(
             keras_ssam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.1,
                            sam_probability=probability, seed=0))
@@ -898,10 +899,6 @@ def test_conditional_perturbed_pass_on_a_conv_net_equals_sam():
         keras_ssam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.1, sam_probability=0.0))
     model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
     _assert_differs([keras.ops.convert_to_numpy(v) for v in inner.weights], results[0], 1e-5, "plain SGD")
-
-
-def ops_ones_like_float(iteration):
-    return keras.ops.ones_like(iteration)
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="XLA:CPU's convolution layouts inside lax.cond are a JAX matter")

@@ -806,11 +806,15 @@ def test_good_edge_arguments_accepted():
     """The ends of the ranges are valid."""
     base = keras.optimizers.SGD
     for alpha in (0.0, 1.0):
-        keras_ssam.GSAM(base(0.1), alpha=alpha)
-    keras_ssam.GSAM(base(0.1), rho=0.1, rho_min=0.1, lr_max=0.1)  # rho_min == rho
-    keras_ssam.GSAM(base(0.1), rho=0.1, rho_min=0.0, lr_max=1e-3, lr_min=0.0)
-    keras_ssam.FriendlySAM(base(0.1), sigma=0.0, lmbda=0.0)
-    keras_ssam.WSAM(base(0.1), gamma=0.0, decouple=False)
+        assert keras_ssam.GSAM(base(0.1), alpha=alpha).alpha == alpha
+    opt = keras_ssam.GSAM(base(0.1), rho=0.1, rho_min=0.1, lr_max=0.1)  # rho_min == rho
+    assert (opt.rho_min, opt.lr_max) == (0.1, 0.1)
+    opt = keras_ssam.GSAM(base(0.1), rho=0.1, rho_min=0.0, lr_max=1e-3, lr_min=0.0)
+    assert (opt.rho_min, opt.lr_max, opt.lr_min) == (0.0, 1e-3, 0.0)
+    opt = keras_ssam.FriendlySAM(base(0.1), sigma=0.0, lmbda=0.0)
+    assert (opt.sigma, opt.lmbda) == (0.0, 0.0)
+    opt = keras_ssam.WSAM(base(0.1), gamma=0.0, decouple=False)
+    assert (opt.gamma, opt.decouple) == (0.0, False)
 
 
 # ---------------------------------------------------------------------------
