@@ -3,7 +3,10 @@
 Public API:
     SAM, USAM, SSAM, LookSAM, GSAM, FriendlySAM, WSAM: optimizers wrapping
         any Keras optimizer.
-    sam_step_draws: which steps a `sam_probability` runs the perturbed pass.
+    sam_step_draws: the draws that decide which steps a `sam_probability`
+        runs the perturbed pass on.
+    StepUpdate: what one SAM step hands to the base optimizer (the variant
+        contract, see `keras_ssam.SAM` and docs/architecture.md).
     SAMModel: a `keras.Model` wrapper whose `fit` runs the two SAM passes.
     flatness: Hessian top eigenvalue and trace estimates of a model's loss.
 """
@@ -69,7 +72,9 @@ try:
     from keras_ssam.gsam import GSAM
     from keras_ssam.looksam import LookSAM
     from keras_ssam.model import SAMModel
-    from keras_ssam.optimizers import SAM, SSAM, USAM, sam_step_draws
+    from keras_ssam.optimizers import SAM, SSAM, USAM
+    from keras_ssam.schedules import sam_step_draws
+    from keras_ssam.step import StepUpdate
     from keras_ssam.wsam import WSAM
 except ModuleNotFoundError as _err:
     _friendly = _missing_backend_error(_err)
@@ -86,6 +91,7 @@ __all__ = [
     "SAM",
     "SSAM",
     "SAMModel",
+    "StepUpdate",
     "USAM",
     "WSAM",
     "flatness",

@@ -35,3 +35,9 @@ def check_int(name, value, minimum):
             f"Argument `{name}` must be an integer >= {minimum}. "
             f"Received: {name}={value!r}"
         )
+
+
+def check_bool(name, value):
+    """A bool (not 0/1 or another truthy value)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Argument `{name}` must be a bool. Received: {name}={value!r}")

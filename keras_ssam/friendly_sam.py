@@ -52,7 +52,7 @@ class FriendlySAM(SAM):
     """
 
     # m_t is linear in g_t: a chunked step averages the chunks' m_t.
-    _state_averages_over_chunks = True
+    state_averages_over_chunks = True
 
     def __init__(self, base_optimizer, rho=0.05, *, sigma=1.0, lmbda=0.9, **kwargs):
         check_number("sigma", sigma, minimum=0.0)
@@ -67,13 +67,13 @@ class FriendlySAM(SAM):
         self.lmbda = lmbda
         self._momentum = []
 
-    def _build_state(self, var_list):
+    def build_state(self, var_list):
         if not self._momentum:
             self._momentum = [
                 self.add_variable_from_reference(v, name="friendly_momentum") for v in var_list
             ]
 
-    def _state_variables(self):
+    def state_variables(self):
         return list(self._momentum)
 
     def _new_momentum(self, grads, grad_scale):
@@ -81,9 +81,9 @@ class FriendlySAM(SAM):
             [v.value for v in self._momentum], grads, self.lmbda, grad_scale=grad_scale
         )
 
-    def perturbation(self, grads, weights, grad_scale=None, overwrite_grads=False, mask=None):
+    def perturbation(self, grads, weights, grad_scale=None, *, mask=None, overwrite_grads=False):
         momentum = self._new_momentum(grads, grad_scale)
-        # Kept for this step's `_perturbed_step_state` (same gradients), so
+        # Kept for this step's `next_state` (same gradients), so
         # the average is computed once; in __dict__, untracked by Keras.
         self.__dict__["_step_momentum"] = (grads, momentum)
         direction = sam_math.friendly_ascent_direction(grads, momentum, self.sigma, grad_scale=grad_scale)
@@ -93,12 +93,12 @@ class FriendlySAM(SAM):
             grad_scale=grad_scale, overwrite_grads=True, mask=mask,
         )
         # SSAM's gamma, the fallback and the diagnostics use the clean ||T g||.
-        grad_norm = sam_math.perturbed_grad_norm(
+        grad_norm = sam_math.weighted_grad_norm(
             grads, weights, adaptive=self.adaptive, eta=self.eta, grad_scale=grad_scale
         )
         return perturbations, grad_norm
 
-    def _perturbed_step_state(self, grads, perturbed_grads, grad_norm, grad_scale=None):
+    def next_state(self, grads, perturbed_grads, grad_norm, grad_scale=None):
         pending = self.__dict__.pop("_step_momentum", None)
         if pending is not None and pending[0] is grads:
             return pending[1]

@@ -100,18 +100,19 @@ class GSAM(SAM):
         rho = self.rho_min + (self.rho - self.rho_min) * fraction
         return ops.clip(rho, self.rho_min, self.rho)
 
-    def update_gradients(self, grads, perturbed_grads, perturbed_weights, grad_norm, grad_scale=None,
-                         need_stats=False, norm_perturbed_grads=None, overwrite_grads=False,
-                         norm_grads=None):
+    def update_gradients(self, grads, perturbed_grads, perturbed_weights, grad_norm, grad_scale=None, *,
+                         need_stats=False, overwrite_grads=False, global_grads=None,
+                         global_perturbed_grads=None):
         # The coefficient from the global gradients (all-reduced under
         # tf.distribute): u = gamma g_asc, or g on a fallback step.
-        global_grads = grads if norm_grads is None else norm_grads
-        global_perturbed = perturbed_grads if norm_perturbed_grads is None else norm_perturbed_grads
-        coefficient = sam_math.surrogate_gap_coefficient(global_perturbed, global_grads)
+        coefficient = sam_math.surrogate_gap_coefficient(
+            perturbed_grads if global_perturbed_grads is None else global_perturbed_grads,
+            grads if global_grads is None else global_grads,
+        )
         update, stats = super().update_gradients(
             grads, perturbed_grads, perturbed_weights, grad_norm, grad_scale,
-            need_stats=True, norm_perturbed_grads=norm_perturbed_grads,
-            overwrite_grads=overwrite_grads,
+            need_stats=True, overwrite_grads=overwrite_grads,
+            global_perturbed_grads=global_perturbed_grads,
         )
         coefficient = ops.where(
             stats["clean_fallback"] > 0,

@@ -76,23 +76,23 @@ class LookSAM(SAM):
         self.layerwise = layerwise
         self._orthogonal = []
 
-    def _always_perturbed(self):
-        return self.k == 1 and super()._always_perturbed()
+    def always_runs_perturbed_pass(self):
+        return self.k == 1 and super().always_runs_perturbed_pass()
 
-    def _runs_perturbed_pass(self):
-        drawn = super()._runs_perturbed_pass()
+    def runs_perturbed_pass(self, iteration):
+        drawn = super().runs_perturbed_pass(iteration)
         if self.k == 1 or drawn is False:
             return drawn
-        on_cycle = ops.equal(ops.mod(self.iterations, self.k), 0)
+        on_cycle = ops.equal(ops.mod(iteration, self.k), 0)
         return on_cycle if drawn is True else ops.logical_and(on_cycle, drawn)
 
-    def _build_state(self, var_list):
+    def build_state(self, var_list):
         if not self._orthogonal:
             self._orthogonal = [
                 self.add_variable_from_reference(v, name="looksam_orthogonal") for v in var_list
             ]
 
-    def _state_variables(self):
+    def state_variables(self):
         return list(self._orthogonal)
 
     def skipped_update(self, grads):
@@ -107,7 +107,7 @@ class LookSAM(SAM):
             update = sam_math.rescale_to_norm(update, grad_norm)
         return update
 
-    def _perturbed_step_state(self, grads, perturbed_grads, grad_norm, grad_scale=None):
+    def next_state(self, grads, perturbed_grads, grad_norm, grad_scale=None):
         orthogonal = sam_math.orthogonal_component(grads, perturbed_grads, layerwise=self.layerwise)
         # A vanished g_s (the step falls back to g) keeps the last direction.
         vanished = sam_math.perturbed_gradient_vanished(
@@ -116,7 +116,7 @@ class LookSAM(SAM):
         previous = [ops.convert_to_tensor(v.value) for v in self._orthogonal]
         orthogonal = [p if o is None else ops.cast(o, p.dtype) for p, o in zip(previous, orthogonal)]
         # The new directions are this step's own tensors: torch selects in place.
-        return _kernels.where_(vanished, orthogonal, previous)
+        return _kernels.select_(vanished, previous, orthogonal)
 
     def get_config(self):
         config = super().get_config()

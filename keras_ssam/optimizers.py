@@ -1,25 +1,27 @@
 """SAM, USAM and SSAM: Keras optimizers that wrap a base optimizer.
 
-The wrapper owns the sharpness-aware hyper-parameters and the math (in
-`keras.ops`, see `sam_math`); the weight update is the base optimizer's, so
-its momentum, clipping, weight decay, accumulation, EMA and schedules act on
-the sharpness-aware gradient exactly as they would on a plain one. The two
-forward-backward passes are run by `keras_ssam.SAMModel`.
+`SAM` is the sharpness-aware policy: its hyper-parameters and the public
+variant contract (`perturbation`, `update_gradients`, `skipped_update`,
+`split_update`, `runs_perturbed_pass`, `build_state` / `state_variables` /
+`next_state`) that `keras_ssam.step` calls, with the math in `sam_math`.
+Forwarding to the base optimizer is `ForwardingOptimizer`'s; the passes are
+run by `keras_ssam.SAMModel`.
 """
+
+from __future__ import annotations
 
 import contextlib
 import numbers
 import random
-import sys
 
 import keras
-import numpy as np
 from keras import ops
 
-from keras_ssam import sam_math
-from keras_ssam._validation import check_int, check_number
-from keras_ssam.backend import backend_module
+from keras_ssam import sam_math, schedules
+from keras_ssam._validation import check_bool, check_int, check_number
+from keras_ssam._wrapper import ForwardingOptimizer
 from keras_ssam.perturb import check_perturb
+from keras_ssam.schedules import sam_step_draws  # noqa: F401  (public here since 0.1)
 
 _SAM_MODEL_HINT = (
     "SAM optimizers need the gradient at a perturbed point, which only "
@@ -28,50 +30,8 @@ _SAM_MODEL_HINT = (
 )
 
 
-def _is_rho_schedule(rho):
-    return isinstance(
-        rho, keras.optimizers.schedules.LearningRateSchedule
-    ) or (callable(rho) and not isinstance(rho, numbers.Real))
-
-
-_DRAW_TABLE_SIZE = 1 << 16
-
-
-def _draw_table(seed):
-    return np.random.default_rng(seed).random(_DRAW_TABLE_SIZE, dtype=np.float32)
-
-
-def sam_step_draws(seed, iterations):
-    """The uniform draws `u_t` that decide which steps run the perturbed pass.
-
-    A step at iteration `t` runs it iff `u_t < sam_probability(t)`. With `T`
-    a table of 2^16 float32 uniforms drawn once from `seed` (NumPy's
-    default generator), `u_t = frac(T[t mod 2^16] + T[(t // 2^16) mod 2^16])`
-    in float32: the same numbers on every backend and every replica, a
-    function of `(seed, t)` only (so a resumed run continues the pattern),
-    with period 2^32.
-
-    Args:
-        seed: the optimizer's `seed`.
-        iterations: an int or an array of iteration counts.
-
-    Returns:
-        float32 NumPy array of `u_t`, the shape of `iterations`.
-    """
-    table = _draw_table(seed)
-    t = np.asarray(iterations, np.int64)
-    s = table[t % _DRAW_TABLE_SIZE] + table[(t // _DRAW_TABLE_SIZE) % _DRAW_TABLE_SIZE]
-    return (s - np.floor(s)).astype(np.float32)
-
-
-def _check_sam_probability(value):
-    if _is_rho_schedule(value):
-        return
-    check_number("sam_probability", value, minimum=0.0, maximum=1.0)
-
-
 @keras.saving.register_keras_serializable(package="keras_ssam")
-class SAM(keras.optimizers.Optimizer):
+class SAM(ForwardingOptimizer):
     """Sharpness-aware minimization around any Keras optimizer.
 
     With `g` the gradient of the batch loss at the weights `w` and
@@ -139,46 +99,26 @@ class SAM(keras.optimizers.Optimizer):
 
     def __init__(
         self,
-        base_optimizer,
+        base_optimizer: keras.optimizers.Optimizer,
         rho=0.05,
         *,
-        normalize=True,
-        stable=False,
-        adaptive=False,
-        eta=0.0,
-        max_scale=None,
-        epsilon=1e-12,
+        normalize: bool = True,
+        stable: bool = False,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        max_scale: float | None = None,
+        epsilon: float = 1e-12,
         sam_probability=1.0,
-        seed=None,
+        seed: int | None = None,
         perturb="all",
-        name=None,
+        name: str | None = None,
     ):
-        if isinstance(base_optimizer, SAM):
-            raise ValueError(
-                "Argument `base_optimizer` is already a SAM optimizer "
-                f"({type(base_optimizer).__name__}); SAM optimizers cannot be "
-                f"nested. Received: base_optimizer={base_optimizer!r}"
-            )
-        if isinstance(base_optimizer, keras.optimizers.LossScaleOptimizer):
-            raise ValueError(
-                "Argument `base_optimizer` must not be a LossScaleOptimizer: "
-                "pass the plain optimizer (under a `mixed_float16` policy "
-                "`compile` wraps the SAM optimizer in one). "
-                f"Received: base_optimizer={base_optimizer!r}"
-            )
-        if not isinstance(base_optimizer, keras.optimizers.Optimizer):
-            raise ValueError(
-                "Argument `base_optimizer` must be a keras.optimizers."
-                "Optimizer instance, e.g. keras.optimizers.SGD(0.1). "
-                f"Received: base_optimizer={base_optimizer!r}"
-            )
-        if not _is_rho_schedule(rho):
+        _check_base_optimizer(base_optimizer)
+        if not schedules.is_schedule(rho):
             check_number("rho", rho, minimum=0.0)
         check_number("eta", eta, minimum=0.0)
         check_number("epsilon", epsilon, minimum=0.0)
-        check_number(
-            "max_scale", max_scale, minimum=0.0, allow_equal=False, allow_none=True
-        )
+        check_number("max_scale", max_scale, minimum=0.0, allow_equal=False, allow_none=True)
         if eta and not adaptive:
             raise ValueError(
                 "Argument `eta` only applies to the adaptive variant (ASAM); "
@@ -191,22 +131,14 @@ class SAM(keras.optimizers.Optimizer):
                 "only applies with stable=True. Received: "
                 f"max_scale={max_scale!r}, stable={stable!r}"
             )
-        _check_sam_probability(sam_probability)
+        schedules.check_sam_probability(sam_probability)
         check_perturb(perturb)
         if seed is not None:
             check_int("seed", seed, 0)
-        for flag_name, flag in (
-            ("normalize", normalize),
-            ("stable", stable),
-            ("adaptive", adaptive),
-        ):
-            if not isinstance(flag, bool):
-                raise ValueError(
-                    f"Argument `{flag_name}` must be a bool. "
-                    f"Received: {flag_name}={flag!r}"
-                )
-        super().__init__(learning_rate=0.0, name=name)
-        self.base_optimizer = base_optimizer
+        check_bool("normalize", normalize)
+        check_bool("stable", stable)
+        check_bool("adaptive", adaptive)
+        super().__init__(base_optimizer, name=name)
         self.rho = rho
         self.normalize = normalize
         self.stable = stable
@@ -223,12 +155,13 @@ class SAM(keras.optimizers.Optimizer):
         if seed is None and not (isinstance(sam_probability, numbers.Real) and sam_probability in (0, 1)):
             seed = random.randint(1, 10**9)
         self.seed = seed if seed is None else int(seed)
-        self._draws = None
-        self._sam_step_depth = 0
-        # Set by SAMModel when compiled with this optimizer.
+        self._applying = None
+        # Set by SAMModel when compiled with this optimizer; `_built_elsewhere`
+        # when a model that is not one built it.
         self._attached_to_sam_model = False
+        self._built_elsewhere = False
 
-    # -- The SAM math, used by SAMModel's train_step on every backend. --
+    # -- The variant contract: what keras_ssam.step calls. --
 
     def current_rho(self):
         """rho at the current iteration (a float or a scalar tensor)."""
@@ -238,75 +171,33 @@ class SAM(keras.optimizers.Optimizer):
         # on TensorFlow too, where `iterations` is an int64 tensor.
         return ops.cast(self.rho(ops.cast(self.iterations, "float32")), "float32")
 
-    def _always_perturbed(self):
-        """Whether every step runs the perturbed pass, known when tracing."""
-        p = self.sam_probability
-        return isinstance(p, numbers.Real) and p >= 1
+    def always_runs_perturbed_pass(self) -> bool:
+        """Whether every step runs the perturbed pass (known when tracing)."""
+        return schedules.drawn(self.sam_probability, self.seed, 0) is True
 
-    def _runs_perturbed_pass(self):
-        """Whether this step runs the perturbed pass: `True` or `False` when
-        known when tracing, else a scalar boolean tensor (`u_t < p_t`, see
-        `sam_step_draws`)."""
-        p = self.sam_probability
-        if isinstance(p, numbers.Real):
-            if p >= 1:
-                return True
-            if p <= 0:
-                return False
-            probability = p
-        else:
-            probability = ops.cast(p(ops.cast(self.iterations, "float32")), "float32")
-        if self._draws is None:
-            self._draws = _draw_table(self.seed)
-        # A constant of each trace (TensorFlow, JAX: a tensor made while
-        # tracing must not outlive the trace); torch keeps one tensor.
-        if keras.backend.backend() == "torch" and not hasattr(self._draws, "device"):
-            self._draws = ops.convert_to_tensor(self._draws)
-        t = ops.cast(self.iterations, "int32" if keras.backend.backend() == "jax" else "int64")
-        draws = ops.convert_to_tensor(self._draws)
-        s = ops.take(draws, t % _DRAW_TABLE_SIZE) + ops.take(
-            draws, (t // _DRAW_TABLE_SIZE) % _DRAW_TABLE_SIZE
-        )
-        return ops.less(s - ops.floor(s), probability)
+    def runs_perturbed_pass(self, iteration):
+        """Whether the step at `iteration` (the count before the step) runs
+        the perturbed pass: `True` or `False` when known when tracing, else
+        a scalar boolean tensor (the step then runs a conditional). By
+        default the `sam_probability` draw (`keras_ssam.sam_step_draws`);
+        LookSAM adds its `t % k`."""
+        return schedules.drawn(self.sam_probability, self.seed, iteration)
 
-    def skipped_update(self, grads):
-        """The gradient handed to the base optimizer on a step without the
-        perturbed pass: the clean gradient. The step gives `grads` up (torch
-        may compute the result in their memory)."""
-        return list(grads)
-
-    def _perturbed_step_state(self, grads, perturbed_grads, grad_norm, grad_scale=None):
-        """New values of this optimizer's own variables after a perturbed
-        pass (in the order of `_state_variables`); none for SAM."""
-        return []
-
-    # Whether the new state is linear in the gradients, so that a step over
-    # batch chunks takes the chunks' states weighted by their sizes (F-SAM's
-    # average); otherwise chunks are refused (LookSAM's stored direction).
-    _state_averages_over_chunks = False
-
-    def _decoupled_update(self, grads):
-        """`(base_grads, decoupled)`: the gradients for the base optimizer,
-        and per weight a term subtracted after its update, times the
-        learning rate (`None`: nothing; WSAM's decoupled sharpness term)."""
-        return grads, None
-
-    def _state_variables(self):
-        return []
-
-    def perturbation(self, grads, weights, grad_scale=None, overwrite_grads=False, mask=None):
+    def perturbation(self, grads, weights, grad_scale=None, *, mask=None, overwrite_grads=False):
         """The ascent step `e` for each weight, and `||T g||`.
 
         Args:
             grads: gradients at `weights` (of the loss times `grad_scale`).
             weights: the current weight values.
             grad_scale: loss-scale factor the gradients carry, or `None`.
+            mask: a bool per weight (`perturb`), or `None`: all.
             overwrite_grads: the caller gives `grads` up: on torch `e` is
                 computed in their memory.
-            mask: a bool per weight (`perturb`), or `None`: all.
 
         Returns:
-            `(perturbations, grad_norm)`.
+            `(perturbations, grad_norm)`: `e` per weight (`None` where not
+            perturbed) and the clean `||T g||` over all weights (SSAM's
+            gamma, the fallback and the diagnostics use it).
         """
         return sam_math.sam_perturbation(
             grads,
@@ -328,12 +219,14 @@ class SAM(keras.optimizers.Optimizer):
         perturbed_weights,
         grad_norm,
         grad_scale=None,
+        *,
         need_stats=False,
-        norm_perturbed_grads=None,
         overwrite_grads=False,
-        norm_grads=None,
+        global_grads=None,
+        global_perturbed_grads=None,
     ):
-        """The gradient handed to the base optimizer, and diagnostics.
+        """The gradient handed to the base optimizer after the perturbed
+        pass, and diagnostics.
 
         On a step where the perturbed gradient is exactly zero while the
         clean one is not (the ascent saturated the loss), every variant's
@@ -345,27 +238,26 @@ class SAM(keras.optimizers.Optimizer):
             grads: the clean gradients at w (the fallback).
             perturbed_grads: gradients at `perturbed_weights` = w + e.
             perturbed_weights: w + e (only adaptive SAM reads them).
-            grad_norm: `||T g||` as returned by `perturbation`.
+            grad_norm: the clean `||T g||`, as returned by `perturbation`.
             grad_scale: loss-scale factor the gradients carry, or `None`.
             need_stats: also return the diagnostics.
-            norm_perturbed_grads: the gradients whose norm gamma uses, when
-                they differ from the ones it scales (under tf.distribute, the
-                all-reduced perturbed gradient, while each replica hands its
-                own share to the optimizer, which all-reduces it).
             overwrite_grads: the caller gives `perturbed_grads` up: on torch
                 the update is computed in their memory.
-            norm_grads: the all-reduced clean gradients under tf.distribute
-                (as `norm_perturbed_grads`), for variants whose update
-                mixes `g` and `g_asc` with global coefficients (GSAM).
+            global_grads, global_perturbed_grads: under tf.distribute, the
+                all-reduced clean and perturbed gradients, while `grads` and
+                `perturbed_grads` are this replica's share (which the
+                optimizer all-reduces): norms and coefficients come from
+                the global ones. `None`: the same as `grads` /
+                `perturbed_grads`.
 
         Returns:
-            `(update_grads, stats)` where `stats` holds `perturbed_grad_norm`,
-            `renorm_factor` (1.0 when not stable) and `clean_fallback` (1.0
-            on a step that fell back to `g`), or is empty unless
-            `need_stats`.
+            `(update_grads, stats)` where `stats` holds `perturbed_grad_norm`
+            (`||T(w + e) g_asc||`), `renorm_factor` (gamma; 1.0 when not
+            stable) and `clean_fallback` (1.0 on a step that fell back to
+            `g`), or is empty unless `need_stats`.
         """
-        perturbed_norm = sam_math.perturbed_grad_norm(
-            perturbed_grads if norm_perturbed_grads is None else norm_perturbed_grads,
+        perturbed_norm = sam_math.weighted_grad_norm(
+            perturbed_grads if global_perturbed_grads is None else global_perturbed_grads,
             perturbed_weights,
             adaptive=self.adaptive,
             eta=self.eta,
@@ -373,19 +265,14 @@ class SAM(keras.optimizers.Optimizer):
         )
         if self.stable:
             gamma = sam_math.renormalization_factor(
-                grad_norm,
-                perturbed_norm,
-                epsilon=self.epsilon,
-                max_scale=self.max_scale,
+                grad_norm, perturbed_norm, epsilon=self.epsilon, max_scale=self.max_scale
             )
             update = sam_math.scale_gradients(perturbed_grads, gamma, overwrite=overwrite_grads)
         else:
             gamma = ops.ones_like(perturbed_norm)
             update = list(perturbed_grads)
         vanished = sam_math.perturbed_gradient_vanished(grad_norm, perturbed_norm)
-        update = sam_math.clean_gradient_fallback(
-            update, grads, vanished, overwrite=overwrite_grads
-        )
+        update = sam_math.clean_gradient_fallback(update, grads, vanished, overwrite=overwrite_grads)
         if not need_stats:
             return update, {}
         return update, {
@@ -394,176 +281,162 @@ class SAM(keras.optimizers.Optimizer):
             "clean_fallback": ops.cast(vanished, "float32"),
         }
 
+    def skipped_update(self, grads):
+        """The gradient handed to the base optimizer on a step without the
+        perturbed pass: the clean gradient. The step gives `grads` up (torch
+        may compute the result in their memory)."""
+        return list(grads)
+
+    def split_update(self, grads, update):
+        """`(base_update, decoupled)`: the gradient the base optimizer
+        applies, and per weight a term subtracted after its update, times
+        the learning rate (`None`: none; WSAM's decoupled sharpness term).
+        Called with every step's update, skipped steps' too."""
+        return update, None
+
+    # State a variant keeps between steps (LookSAM's stored direction,
+    # F-SAM's moving average) lives in optimizer variables created by
+    # `build_state` and listed by `state_variables` (ForwardingOptimizer),
+    # so it saves, loads and, on JAX, flows through the stateless step.
+
+    # Whether the new state is linear in the gradients, so that a step over
+    # batch chunks takes the chunks' states weighted by their sizes (F-SAM's
+    # average); otherwise chunks are refused (LookSAM's stored direction).
+    state_averages_over_chunks = False
+
+    def next_state(self, grads, perturbed_grads, grad_norm, grad_scale=None):
+        """New values of `state_variables()` after a step with the perturbed
+        pass (a skipped step leaves them unchanged); none for SAM."""
+        return []
+
+    # -- Use inside SAMModel only. --
+
     @contextlib.contextmanager
-    def _sam_step(self):
-        """Marks an `apply` as the end of a two-pass SAM step.
+    def applying(self, decoupled=None):
+        """Marks an `apply` as the end of a SAM step, with the step's
+        decoupled term (see `split_update`), unscaled.
 
         `SAMModel` applies the sharpness-aware gradient inside this context;
         anywhere else `apply` raises, so a SAM optimizer compiled into a plain
         `keras.Model` cannot silently train as its base optimizer.
         """
-        self._sam_step_depth += 1
+        outer, self._applying = self._applying, [decoupled]
         try:
             yield
         finally:
-            self._sam_step_depth -= 1
+            self._applying = outer
 
-    def _check_in_sam_step(self):
-        if not self._sam_step_depth:
+    def _decoupled_term(self):
+        if self._applying is None:
             raise RuntimeError(
                 f"{type(self).__name__}.apply was called outside "
                 f"keras_ssam.SAMModel. {_SAM_MODEL_HINT}"
             )
-
-    # -- Everything else is the base optimizer's. --
+        return self._applying[0]
 
     @property
     def variables(self):
-        return self.base_optimizer.variables + self._state_variables()
+        # A model that is not a SAMModel built this optimizer (Keras builds it
+        # for evaluate too). Its `fit` reads the variables before the first
+        # step (on JAX it then moves the weights into the step's state):
+        # refuse here, while the model is intact; `apply` refuses on the
+        # other paths.
+        if self._built_elsewhere and not self._attached_to_sam_model:
+            raise RuntimeError(
+                f"{type(self).__name__} was compiled into a model that is "
+                f"not a keras_ssam.SAMModel. {_SAM_MODEL_HINT}"
+            )
+        return super().variables
 
     def build(self, var_list):
-        # Keras builds the optimizer before the first step (and, on JAX,
-        # before it moves the variables into the step's state): refuse
-        # training here, while the model is still intact.
-        if not (self._attached_to_sam_model or self._sam_step_depth):
-            if _called_from_training():
-                raise RuntimeError(
-                    f"{type(self).__name__} was compiled into a model that is "
-                    f"not a keras_ssam.SAMModel. {_SAM_MODEL_HINT}"
-                )
-            # JAX and torch also build it for `evaluate`, which a plain model
-            # may run: create the state, but stay unbuilt so that `fit`
-            # builds again, and refuses.
-            if not self.base_optimizer.built:
-                self.base_optimizer.build(var_list)
-            self._build_state(var_list)
-            return
-        self.base_optimizer.build(var_list)
-        self._build_state(var_list)
-        self.built = True
-
-    def _build_state(self, var_list):
-        """Creates this optimizer's own variables (see `_state_variables`),
-        once."""
+        if not self._attached_to_sam_model:
+            self._built_elsewhere = True
+        super().build(var_list)
 
     def apply(self, grads, trainable_variables=None):
-        self._check_in_sam_step()
-        grads, decoupled = self._decoupled_update(grads)
+        decoupled = self._decoupled_term()
         if decoupled is None:
-            self.base_optimizer.apply(grads, trainable_variables)
-        else:
-            variables = (
-                self.base_optimizer._trainable_variables
-                if trainable_variables is None
-                else trainable_variables
-            )
-            # Under tf.distribute each replica holds a share of the term; every
-            # replica's copy of the weights takes the sum.
-            sum_over_replicas = getattr(backend_module("", "keras_ssam"), "sum_over_replicas", None)
-            if sum_over_replicas is not None:
-                decoupled = sum_over_replicas(decoupled)
-            # The learning rate of this step, before `apply` advances it.
-            learning_rate = ops.convert_to_tensor(self.base_optimizer.learning_rate)
-            self.base_optimizer.apply(grads, trainable_variables)
-            for variable, term in zip(variables, decoupled):
-                if term is not None:
-                    variable.assign(
-                        variable - ops.cast(learning_rate, variable.dtype) * ops.cast(term, variable.dtype)
-                    )
-        self.built = True
+            super().apply(grads, trainable_variables)
+            return
+        variables = self.base_optimizer._trainable_variables if trainable_variables is None else trainable_variables
+        # The learning rate of this step, before `apply` advances it.
+        learning_rate = ops.convert_to_tensor(self.base_optimizer.learning_rate)
+        super().apply(grads, trainable_variables)
+        for variable, value in zip(variables, sam_math.decoupled_step(
+            [v.value for v in variables], decoupled, learning_rate
+        )):
+            variable.assign(value)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
-        self._check_in_sam_step()
-        # The base optimizer's variables come first; this optimizer's own
-        # (already updated by the step) pass through. LossScaleOptimizer
-        # hands over the variables themselves inside a StatelessScope: read
-        # them there.
-        count = len(self.base_optimizer.variables)
-        grads, decoupled = self._decoupled_update(grads)
+        decoupled = self._decoupled_term()
         if decoupled is not None:
+            count = len(self.base_optimizer.variables)
+            # LossScaleOptimizer hands over the variables themselves inside a
+            # StatelessScope: read them there.
             mapping = list(zip(self.base_optimizer.variables, optimizer_variables[:count]))
             with keras.StatelessScope(state_mapping=mapping):
                 learning_rate = ops.convert_to_tensor(self.base_optimizer.learning_rate)
-        trainable_variables, base_values = self.base_optimizer.stateless_apply(
-            optimizer_variables[:count], grads, trainable_variables
+        trainable_variables, values = super().stateless_apply(
+            optimizer_variables, grads, trainable_variables
         )
         if decoupled is not None:
-            trainable_variables = [
-                w if term is None else w - ops.cast(learning_rate, w.dtype) * ops.cast(term, w.dtype)
-                for w, term in zip(trainable_variables, decoupled)
-            ]
-        own_values = [ops.convert_to_tensor(v) for v in optimizer_variables[count:]]
-        return trainable_variables, list(base_values) + own_values
+            trainable_variables = sam_math.decoupled_step(trainable_variables, decoupled, learning_rate)
+        return trainable_variables, values
 
-    def finalize_variable_values(self, var_list):
-        self.base_optimizer.finalize_variable_values(var_list)
-
-    def scale_loss(self, loss):
-        return self.base_optimizer.scale_loss(loss)
-
-    @property
-    def loss_scale_factor(self):
-        base = self.__dict__.get("base_optimizer")
-        return None if base is None else base.loss_scale_factor
-
-    @loss_scale_factor.setter
-    def loss_scale_factor(self, value):
-        # LossScaleOptimizer turns off its inner optimizer's static scaling;
-        # that scaling lives on the base optimizer.
-        base = self.__dict__.get("base_optimizer")
-        if base is not None:
-            base.loss_scale_factor = value
-
-    @property
-    def learning_rate(self):
-        return self.base_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        base = self.__dict__.get("base_optimizer")
-        if base is not None:
-            base.learning_rate = learning_rate
-
-    @property
-    def iterations(self):
-        return self.base_optimizer.iterations
+    # -- Saving. --
 
     def get_config(self):
-        rho, sam_probability = (
-            v if isinstance(v, numbers.Real) else keras.saving.serialize_keras_object(v)
-            for v in (self.rho, self.sam_probability)
-        )
-        return {
-            "name": self.name,
-            "base_optimizer": keras.saving.serialize_keras_object(
-                self.base_optimizer
-            ),
-            "rho": rho,
+        config = super().get_config()
+        config.update({
+            "rho": _serialize(self.rho),
             "normalize": self.normalize,
             "stable": self.stable,
             "adaptive": self.adaptive,
             "eta": self.eta,
             "max_scale": self.max_scale,
             "epsilon": self.epsilon,
-            "sam_probability": sam_probability,
+            "sam_probability": _serialize(self.sam_probability),
             "seed": self.seed,
-            "perturb": self.perturb
-            if isinstance(self.perturb, str)
-            else keras.saving.serialize_keras_object(self.perturb),
-        }
+            "perturb": _serialize(self.perturb),
+        })
+        return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        config["base_optimizer"] = keras.saving.deserialize_keras_object(
-            config["base_optimizer"], custom_objects=custom_objects
-        )
         for key in ("rho", "sam_probability", "perturb"):
             if isinstance(config.get(key), dict):
-                config[key] = keras.saving.deserialize_keras_object(
-                    config[key], custom_objects=custom_objects
-                )
-        return cls(**config)
+                config[key] = keras.saving.deserialize_keras_object(config[key], custom_objects=custom_objects)
+        return super().from_config(config, custom_objects=custom_objects)
+
+
+def _serialize(value):
+    """A number or preset as is, a schedule or callable serialized."""
+    if isinstance(value, (numbers.Real, str)):
+        return value
+    return keras.saving.serialize_keras_object(value)
+
+
+def _check_base_optimizer(base_optimizer):
+    if isinstance(base_optimizer, SAM):
+        raise ValueError(
+            "Argument `base_optimizer` is already a SAM optimizer "
+            f"({type(base_optimizer).__name__}); SAM optimizers cannot be "
+            f"nested. Received: base_optimizer={base_optimizer!r}"
+        )
+    if isinstance(base_optimizer, keras.optimizers.LossScaleOptimizer):
+        raise ValueError(
+            "Argument `base_optimizer` must not be a LossScaleOptimizer: "
+            "pass the plain optimizer (under a `mixed_float16` policy "
+            "`compile` wraps the SAM optimizer in one). "
+            f"Received: base_optimizer={base_optimizer!r}"
+        )
+    if not isinstance(base_optimizer, keras.optimizers.Optimizer):
+        raise ValueError(
+            "Argument `base_optimizer` must be a keras.optimizers."
+            "Optimizer instance, e.g. keras.optimizers.SGD(0.1). "
+            f"Received: base_optimizer={base_optimizer!r}"
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_ssam")
@@ -613,21 +486,6 @@ class SSAM(SAM):
         )
 
 
-def _called_from_training():
-    """Whether a `keras.Model`'s `fit` or `train_on_batch` is on the stack.
-
-    Keras's trainers build the compiled optimizer from `fit`,
-    `train_on_batch` and (JAX, torch) `evaluate`/`test_on_batch`, through
-    the same private method; the caller is the one way to tell them apart.
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name in ("fit", "train_on_batch") and isinstance(
-            frame.f_locals.get("self"), keras.Model
-        ):
-            return True
-        frame = frame.f_back
-    return False
 
 
 def find_sam_optimizer(optimizer):

@@ -102,7 +102,7 @@ def sam_perturbation(
     full_norm = None
     if mask is not None:
         # gamma and the diagnostics take the norm over every weight.
-        full_norm = perturbed_grad_norm(grads, weights, adaptive=adaptive, eta=eta, grad_scale=grad_scale)
+        full_norm = weighted_grad_norm(grads, weights, adaptive=adaptive, eta=eta, grad_scale=grad_scale)
         grads = [g if keep else None for g, keep in zip(grads, mask)]
         weights = [w if keep else None for w, keep in zip(weights, mask)]
     if adaptive:
@@ -133,15 +133,17 @@ def sam_perturbation(
     return _scale_list(t_grads, factor, overwrite=owned), (grad_norm if full_norm is None else full_norm)
 
 
-def perturbed_grad_norm(perturbed_grads, perturbed_weights, *, adaptive=False, eta=0.0, grad_scale=None):
-    """`||T(w + e) g_asc||` of the unscaled perturbed gradient."""
+def weighted_grad_norm(grads, weights, *, adaptive=False, eta=0.0, grad_scale=None):
+    """`||T(w) g||` of the unscaled gradient `g = grads / grad_scale` at
+    `weights` (`T = 1` unless `adaptive`): the clean `||T(w) g||` at `w`,
+    or `||T(w + e) g_asc||` at `w + e`."""
     if adaptive:
-        t_weights = adaptive_scale(perturbed_weights, eta)
-        perturbed_grads = [
+        t_weights = adaptive_scale(weights, eta)
+        grads = [
             None if g is None else g * ops.cast(t, ops.dtype(g))
-            for g, t in zip(perturbed_grads, t_weights)
+            for g, t in zip(grads, t_weights)
         ]
-    norm = global_norm(perturbed_grads)
+    norm = global_norm(grads)
     if grad_scale is not None:
         norm = norm / ops.cast(grad_scale, ops.dtype(norm))
     return norm
@@ -178,7 +180,7 @@ def clean_gradient_fallback(update_grads, grads, vanished, overwrite=False):
     With `overwrite`, the caller gives `update_grads` up and torch selects
     in place.
     """
-    return (_kernels.where_ if overwrite else _kernels.where)(vanished, update_grads, grads)
+    return (_kernels.select_ if overwrite else _kernels.select)(vanished, grads, update_grads)
 
 
 def scale_gradients(grads, factor, overwrite=False):
@@ -344,4 +346,42 @@ def weighted_sharpness_gradient(perturbed_grads, grads, gamma):
     return [
         None if g_asc is None else g_asc if g is None else g + weight * (g_asc - g)
         for g_asc, g in zip(perturbed_grads, grads)
+    ]
+
+
+def decoupled_sharpness_term(perturbed_grads, grads, gamma):
+    """WSAM's decoupled sharpness term (Yue et al. 2023, Algorithm 1):
+
+        gamma / (1 - gamma) * (g_asc - g)
+
+    subtracted from the weights after the base optimizer's update with `g`,
+    times its learning rate (see `decoupled_step`); `None` where either
+    gradient is.
+    """
+    weight = gamma / (1.0 - gamma)
+    return [
+        None if g_asc is None or g is None else weight * (g_asc - g)
+        for g_asc, g in zip(perturbed_grads, grads)
+    ]
+
+
+def decoupled_step(weights, terms, learning_rate):
+    """WSAM's decoupled sharpness step after the base optimizer's update
+    (Yue et al. 2023, Algorithm 1):
+
+        w <- w - lr * term,   term = gamma / (1 - gamma) * (g_asc - g)
+
+    for each weight with a term (`None`: unchanged). A step whose terms are
+    not all finite (a mixed-precision overflow) leaves the weights as they
+    are, as `LossScaleOptimizer` does with a non-finite gradient.
+    """
+    present = [t for t in terms if t is not None]
+    if not present:
+        return list(weights)
+    finite = ops.all(ops.stack([ops.all(ops.isfinite(t)) for t in present]))
+    return [
+        w if t is None else ops.where(
+            finite, w - ops.cast(learning_rate, ops.dtype(w)) * ops.cast(t, ops.dtype(w)), w
+        )
+        for w, t in zip(weights, terms)
     ]

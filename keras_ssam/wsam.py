@@ -5,7 +5,6 @@ Weighted Sharpness as a Regularization Term", KDD 2023 (arXiv 2305.15817).
 """
 
 import keras
-from keras import ops
 
 from keras_ssam import sam_math
 from keras_ssam._validation import check_number
@@ -60,35 +59,19 @@ class WSAM(SAM):
         self.gamma = gamma
         self.decouple = decouple
 
-    def _sharpness_weight(self):
-        return self.gamma / (1.0 - self.gamma)
-
     def update_gradients(self, grads, perturbed_grads, *args, **kwargs):
         update, stats = super().update_gradients(grads, perturbed_grads, *args, **kwargs)
-        if not self.decouple:
-            return sam_math.weighted_sharpness_gradient(update, grads, self.gamma), stats
-        # The base optimizer's gradient and the decoupled term travel
-        # stacked through the step (loss scaling, batch chunks, conditionals
-        # act on both); `apply` takes them apart.
-        weight = self._sharpness_weight()
-        return [
-            None if u is None else ops.stack([g, weight * (u - g)]) if g is not None
-            else ops.stack([u, ops.zeros_like(u)])
-            for u, g in zip(update, grads)
-        ], stats
+        if self.decouple:
+            return update, stats  # `split_update` takes the sharpness term out
+        return sam_math.weighted_sharpness_gradient(update, grads, self.gamma), stats
 
-    def skipped_update(self, grads):
+    def split_update(self, grads, update):
         if not self.decouple:
-            return list(grads)
-        return [None if g is None else ops.stack([g, ops.zeros_like(g)]) for g in grads]
-
-    def _decoupled_update(self, grads):
-        if not self.decouple:
-            return grads, None
-        return (
-            [None if g is None else g[0] for g in grads],
-            [None if g is None else g[1] for g in grads],
-        )
+            return update, None
+        # The base optimizer updates with g; the step subtracts
+        # lr * a (u - g) after it (zero on a step without the perturbed pass).
+        base = [u if g is None else g for g, u in zip(grads, update)]
+        return base, sam_math.decoupled_sharpness_term(update, grads, self.gamma)
 
     def get_config(self):
         config = super().get_config()

@@ -601,8 +601,8 @@ def test_save_load_mid_training_resumes_exactly(case, tmp_path):
     assert loaded.optimizer.get_config() == model.optimizer.get_config()
     assert int(ops.convert_to_numpy(loaded.optimizer.iterations)) == 3
     if kind == "friendly":
-        assert len(loaded.optimizer._state_variables()) == len(model.optimizer._state_variables()) == 4
-        for a, b in zip(loaded.optimizer._state_variables(), model.optimizer._state_variables()):
+        assert len(loaded.optimizer.state_variables()) == len(model.optimizer.state_variables()) == 4
+        for a, b in zip(loaded.optimizer.state_variables(), model.optimizer.state_variables()):
             np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
     rest, _, _ = _train_steps(loaded, loaded.model, batches[3:])
     _check_trajectory(first + rest, straight, rtol=1e-6, atol=1e-7, what="resumed vs straight")

@@ -3,7 +3,8 @@
 `<backend>.py` exposes `train_step(model, ...)` with the signature of the
 backend's stock `Model.train_step`; the SAM math comes from the optimizer.
 `<backend>_hessian.py` holds that backend's gradient and Hessian-vector
-product for `keras_ssam.flatness`. `backend_module` picks the one for the
+product for `keras_ssam.flatness`, and `<backend>_kernels.py` (where there is
+one) its faster forms of `keras_ssam._kernels`. `backend_module` picks the one for the
 backend Keras runs on.
 """
 
@@ -26,3 +27,16 @@ def backend_module(suffix, feature):
             f"KERAS_BACKEND is {name!r}."
         )
     return importlib.import_module(f"keras_ssam.backend.{name}{suffix}")
+
+
+@functools.cache
+def backend_kernels():
+    """`keras_ssam.backend.<backend>_kernels` (the backend's own kernels for
+    `keras_ssam._kernels`), or `None` where the backend has none."""
+    name = f"keras_ssam.backend.{keras.backend.backend()}_kernels"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:
+            raise
+        return None

@@ -4,7 +4,9 @@ import jax
 import keras
 from keras import StatelessScope
 
+from keras_ssam import step
 from keras_ssam.backend.jax_conv_layout import canonical_convolutions
+from keras_ssam.model import SAMModel, without_diagnostics
 
 
 def _batch_shards():
@@ -20,13 +22,14 @@ def _batch_shards():
 def train_step(model, state, data):
     trainable, non_trainable, optimizer_values, metrics_values = state
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    optimizer_mapping = list(zip(model.optimizer.variables, optimizer_values))
+    optimizer_variables = model.optimizer.variables
+    optimizer_mapping = list(zip(optimizer_variables, optimizer_values))
 
     def scaled_loss(values, x, y, sample_weight):
         # Always from the pre-step state: the perturbed pass sees the clean
         # pass's dropout noise and BatchNorm statistics.
-        loss, y_pred, new_non_trainable, new_metrics = model._stateless_training_loss(
-            values, non_trainable, metrics_values, x, y, sample_weight
+        loss, y_pred, new_non_trainable, new_metrics = step.stateless_training_loss(
+            model, values, non_trainable, metrics_values, x, y, sample_weight
         )
         with StatelessScope(state_mapping=optimizer_mapping):
             scaled = model.optimizer.scale_loss(loss)
@@ -34,7 +37,7 @@ def train_step(model, state, data):
 
     grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
 
-    def stateless_gradient(values, x, y, sample_weight):
+    def gradient_at(values, x, y, sample_weight):
         (_, aux), grads = grad_fn(values, x, y, sample_weight)
         return aux[0], grads
 
@@ -43,27 +46,22 @@ def train_step(model, state, data):
     (_, (loss, y_pred, new_non_trainable, new_metrics)), grads = grad_fn(
         trainable, x, y, sample_weight
     )
-    with StatelessScope(state_mapping=optimizer_mapping) as scope:
-        update, stats = model._sam_update_gradients(
-            grads, trainable, loss, stateless_gradient, x, y, sample_weight,
+    with StatelessScope(state_mapping=optimizer_mapping):
+        result = step.sam_step(
+            model, grads, trainable, loss, gradient_at, (x, y, sample_weight),
             batch_shards=_batch_shards(),
         )
-        sam = model.sam_optimizer()
-    # The SAM optimizer's own variables (LookSAM's stored direction) were
-    # assigned in the scope.
-    optimizer_values = [
-        value if scope.get_current_value(v) is None else scope.get_current_value(v)
-        for v, value in zip(model.optimizer.variables, optimizer_values)
-    ]
-
-    with sam._sam_step():
-        trainable, optimizer_values = model.optimizer.stateless_apply(
-            optimizer_values, update, trainable
-        )
-    if stats:
+    # The SAM optimizer's own variables come last (ForwardingOptimizer).
+    own = len(result.state)
+    if own:
+        optimizer_values = list(optimizer_values[: len(optimizer_values) - own]) + list(result.state)
+    trainable, optimizer_values = step.stateless_apply_update(
+        model.optimizer, result, optimizer_values, trainable
+    )
+    if result.stats:
         mapping = list(zip(model.metrics_variables, new_metrics))
         with StatelessScope(state_mapping=mapping) as scope:
-            model._update_diagnostics(stats)
+            model.update_diagnostics(result.stats)
         new_metrics = [
             scope.get_current_value(v) if scope.get_current_value(v) is not None else old
             for v, old in zip(model.metrics_variables, new_metrics)
@@ -74,10 +72,21 @@ def train_step(model, state, data):
     return logs, (trainable, new_non_trainable, optimizer_values, new_metrics)
 
 
-def cond(pred, true_fn, false_fn):
-    """`lax.cond` for the step's conditional perturbed pass. On CPU each
-    branch's convolutions are put in the layout XLA:CPU runs fast, which it
-    does not do itself inside a branch (see `jax_conv_layout`)."""
+def test_step(model, state, data):
+    logs, state = super(SAMModel, model).test_step(state, data)
+    return (without_diagnostics(logs) if model.diagnostics else logs), state
+
+
+def _cond(pred, true_fn, false_fn):
+    """`lax.cond`; on CPU each branch's convolutions are put in the layout
+    XLA:CPU runs fast, which it does not do itself inside a branch (see
+    `jax_conv_layout`)."""
     if jax.default_backend() == "cpu":
         true_fn, false_fn = canonical_convolutions(true_fn), canonical_convolutions(false_fn)
     return jax.lax.cond(pred, true_fn, false_fn)
+
+
+def cond_with_state(pred, true_fn, false_fn, variables):
+    """The step's conditional: the new state flows out of `lax.cond` and is
+    assigned (in the step's StatelessScope) after it."""
+    return step.portable_cond_with_state(pred, true_fn, false_fn, variables, cond=_cond)

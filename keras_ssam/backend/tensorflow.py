@@ -2,9 +2,25 @@
 
 import keras
 import tensorflow as tf
+from keras import ops
 from keras import tree
 
-from keras_ssam._keras_private import unscale_loss_for_distribution
+from keras_ssam import _keras_private, step
+from keras_ssam.model import SAMModel, without_diagnostics
+
+
+def _unscale_loss_for_distribution(value):
+    """Keras's `unscale_loss_for_distribution` (keras/src/losses/loss.py,
+    Keras 3.12-3.15): the loss times the replicas in sync."""
+    num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if num_replicas > 1:
+        value = ops.multiply(value, ops.cast(num_replicas, value.dtype))
+    return value
+
+
+unscale_loss_for_distribution = (
+    _keras_private.unscale_loss_for_distribution or _unscale_loss_for_distribution
+)
 
 
 def _dense(grads):
@@ -14,31 +30,34 @@ def _dense(grads):
     ]
 
 
-def _replica_all_reduce():
-    """`(replica_count, all_reduce)` of the enclosing tf.distribute replica."""
+def _replicas():
+    """The enclosing tf.distribute replicas (`step.Replicas`)."""
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
-        return 1, None
+        return step.Replicas()
 
     def all_reduce(values):
         present = [v for v in values if v is not None]
         reduced = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
         return [None if v is None else next(reduced) for v in values]
 
-    return context.num_replicas_in_sync, all_reduce
+    return step.Replicas(context.num_replicas_in_sync, all_reduce)
 
 
-def sum_over_replicas(values):
-    """`values` summed over the tf.distribute replicas (as they are with
-    one): a term each replica holds a share of, to be applied the same on
-    every replica's copy of the weights (WSAM's decoupled term)."""
-    _, all_reduce = _replica_all_reduce()
-    return values if all_reduce is None else all_reduce(values)
+def cond_with_state(pred, true_fn, false_fn, variables):
+    """The step's conditional: the SAM optimizer's own variables are assigned
+    inside the branch that changes them (a skipped step copies nothing)."""
 
+    def branch(fn):
+        def run():
+            outputs, state = fn()
+            for variable, value in zip(variables, state or []):
+                variable.assign(value)
+            return outputs
 
-# The SAM optimizer's own variables may be assigned inside the step's
-# conditional branch (model._sam_update_gradients).
-STATEFUL_CONDITIONALS = True
+        return run
+
+    return ops.cond(pred, branch(true_fn), branch(false_fn))
 
 
 def train_step(model, data):
@@ -66,39 +85,40 @@ def train_step(model, data):
             sample_weight=tf.shape(next(i for i in tree.flatten(x) if i is not None))[0],
         )
         scaled = model.optimizer.scale_loss(loss)
-    grads = None
-    # With batch splits the chunks' gradients replace it, unless some steps
-    # skip the perturbed pass and take it.
-    if model.num_batch_splits == 1 or not model.sam_optimizer()._always_perturbed():
-        grads = _dense(tape.gradient(scaled, trainable))
+    grads = _dense(tape.gradient(scaled, trainable)) if step.needs_clean_gradients(model) else None
     del tape
 
-    def stateless_gradient(values, x, y, sample_weight):
+    def gradient_at(values, x, y, sample_weight):
         # Nothing computed here is written: the perturbed pass leaves no trace.
         with tf.GradientTape() as tape:
             tape.watch(values)
-            loss, _, _, _ = model._stateless_training_loss(
-                values, non_trainable_before, metrics_before, x, y, sample_weight
+            loss, _, _, _ = step.stateless_training_loss(
+                model, values, non_trainable_before, metrics_before, x, y, sample_weight
             )
             scaled = model.optimizer.scale_loss(loss)
-        unscaled = unscale_loss_for_distribution(loss)
-        return unscaled, _dense(tape.gradient(scaled, values))
+        return unscale_loss_for_distribution(loss), _dense(tape.gradient(scaled, values))
 
-    # Under tf.distribute this runs per replica, on gradients that are the
-    # replica's share of the global one (losses carry 1 / replicas).
-    replica_count, all_reduce = _replica_all_reduce()
     if not model.optimizer.built:
         # Keras's TF trainer builds the optimizer in its first `apply`; the
         # step reads the SAM optimizer's own variables (LookSAM) before.
         model.optimizer.build(trainable)
-    update, stats = model._sam_update_gradients(
-        grads, weights, unscale_loss_for_distribution(loss),
-        stateless_gradient, x, y, sample_weight,
-        replica_count=replica_count, all_reduce=all_reduce,
+    # Under tf.distribute this runs per replica, on gradients that are the
+    # replica's share of the global one (losses carry 1 / replicas).
+    replicas = _replicas()
+    result = step.sam_step(
+        model, grads, weights, unscale_loss_for_distribution(loss), gradient_at,
+        (x, y, sample_weight), replicas=replicas,
     )
-    sam = model.sam_optimizer()
-    with sam._sam_step():
-        model.optimizer.apply(update, trainable)
-    if stats:
-        model._update_diagnostics(stats)
+    if result.decoupled is not None and replicas.all_reduce is not None:
+        # Each replica holds a share of the decoupled term; every replica's
+        # copy of the weights takes the sum.
+        result = result._replace(decoupled=replicas.all_reduce(result.decoupled))
+    step.apply_update(model.optimizer, result, trainable)
+    if result.stats:
+        model.update_diagnostics(result.stats)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def test_step(model, data):
+    logs = super(SAMModel, model).test_step(data)
+    return without_diagnostics(logs) if model.diagnostics else logs

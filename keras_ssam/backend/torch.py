@@ -8,7 +8,11 @@ clean pass left it: all passes see the same dropout mask.
 
 import keras
 import torch
+from keras import ops
 from keras import tree
+
+from keras_ssam import step
+from keras_ssam.model import SAMModel, without_diagnostics
 
 
 def _rng_state():
@@ -41,9 +45,25 @@ def _check_single_process():
         )
 
 
-# The SAM optimizer's own variables may be assigned inside the step's
-# conditional branch (model._sam_update_gradients).
-STATEFUL_CONDITIONALS = True
+_CONSTANTS: dict = {}
+
+
+def constant(array):
+    """One tensor per NumPy constant of the step, made once (an eager step
+    would otherwise copy it to the device every time)."""
+    entry = _CONSTANTS.get(id(array))
+    if entry is None or entry[0] is not array:
+        entry = _CONSTANTS[id(array)] = (array, ops.convert_to_tensor(array))
+    return entry[1]
+
+
+def cond_with_state(pred, true_fn, false_fn, variables):
+    """The step's conditional (a Python `if`): the SAM optimizer's own
+    variables are assigned in the branch that changes them."""
+    outputs, state = true_fn() if pred else false_fn()
+    for variable, value in zip(variables, state or []):
+        variable.assign(value)
+    return outputs
 
 
 def train_step(model, data):
@@ -65,22 +85,20 @@ def train_step(model, data):
         loss, sample_weight=next(i for i in tree.flatten(x) if i is not None).shape[0]
     )
     grads = None
-    # With batch splits the chunks' gradients replace it, unless some steps
-    # skip the perturbed pass and take it.
-    if model.num_batch_splits == 1 or not model.sam_optimizer()._always_perturbed():
+    if step.needs_clean_gradients(model):
         grads = torch.autograd.grad(
             model.optimizer.scale_loss(loss), weights, allow_unused=True
         )
     rng_after = _rng_state()
 
-    def stateless_gradient(values, x, y, sample_weight):
+    def gradient_at(values, x, y, sample_weight):
         # Nothing computed here is written: the perturbed pass leaves no trace.
         # Called from the no-grad SAM arithmetic: only this pass needs autograd.
         with torch.enable_grad():
             values = [v.detach().requires_grad_(True) for v in values]
             _set_rng_state(rng_before)
-            loss, _, _, _ = model._stateless_training_loss(
-                values, non_trainable_before, metrics_values, x, y, sample_weight
+            loss, _, _, _ = step.stateless_training_loss(
+                model, values, non_trainable_before, metrics_values, x, y, sample_weight
             )
             grads = torch.autograd.grad(
                 model.optimizer.scale_loss(loss), values, allow_unused=True
@@ -89,17 +107,20 @@ def train_step(model, data):
 
     try:
         with torch.no_grad():
-            update, stats = model._sam_update_gradients(
-                grads, [w.detach() for w in weights], loss.detach(),
-                stateless_gradient, x, y, sample_weight,
+            result = step.sam_step(
+                model, list(grads) if grads is not None else None, [w.detach() for w in weights],
+                loss.detach(), gradient_at, (x, y, sample_weight),
             )
     finally:
         _set_rng_state(rng_after)
-    sam = model.sam_optimizer()
     with torch.no_grad():
-        with sam._sam_step():
-            model.optimizer.apply(update, trainable)
-        if stats:
-            model._update_diagnostics(stats)
+        step.apply_update(model.optimizer, result, trainable)
+        if result.stats:
+            model.update_diagnostics(result.stats)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def test_step(model, data):
+    logs = super(SAMModel, model).test_step(data)
+    return without_diagnostics(logs) if model.diagnostics else logs
 

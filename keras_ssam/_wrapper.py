@@ -1,0 +1,138 @@
+"""`ForwardingOptimizer`: an optimizer whose weight update is another's.
+
+In the shape of Keras's own `LossScaleOptimizer`: the wrapped optimizer (the
+*base*) owns the update, the learning rate, the iteration count and its
+variables; the wrapper adds its own variables after them and forwards the
+rest. `keras_ssam.SAM` builds on it, so that the SAM classes read as the
+sharpness-aware policy only.
+"""
+
+from __future__ import annotations
+
+import keras
+
+
+class ForwardingOptimizer(keras.optimizers.Optimizer):
+    """Forwards everything about the weight update to `base_optimizer`.
+
+    Keras finds the wrapped optimizer where it looks for a
+    `LossScaleOptimizer`'s: `inner_optimizer` (the callbacks
+    `SwapEMAWeights` and `TensorBoard`). `learning_rate` is the base
+    optimizer's and settable (`LearningRateScheduler`, `ReduceLROnPlateau`);
+    `iterations` is the base optimizer's counter.
+
+    A subclass adds variables of its own by overriding `build_state` (create
+    them, once) and `state_variables` (list them); `variables` is the base
+    optimizer's followed by those, which is the order `stateless_apply`
+    takes and returns.
+
+    Args:
+        base_optimizer: the `keras.optimizers.Optimizer` that makes the
+            update.
+        name: name of the wrapper.
+
+    Example:
+
+    ```python
+    class Logged(ForwardingOptimizer):
+        def apply(self, grads, trainable_variables=None):
+            print("step", int(self.iterations))
+            super().apply(grads, trainable_variables)
+
+    optimizer = Logged(keras.optimizers.SGD(0.1))
+    ```
+    """
+
+    def __init__(self, base_optimizer: keras.optimizers.Optimizer, name: str | None = None):
+        super().__init__(learning_rate=0.0, name=name)
+        self.base_optimizer = base_optimizer
+
+    @property
+    def inner_optimizer(self) -> keras.optimizers.Optimizer:
+        """The base optimizer, where Keras's callbacks look for a wrapped one."""
+        return self.base_optimizer
+
+    # -- This optimizer's own variables. --
+
+    def build_state(self, var_list: list) -> None:
+        """Creates this optimizer's own variables for `var_list`, once."""
+
+    def state_variables(self) -> list:
+        """This optimizer's own variables (saved, restored, and on JAX carried
+        through the stateless step after the base optimizer's)."""
+        return []
+
+    @property
+    def variables(self):
+        return self.base_optimizer.variables + self.state_variables()
+
+    def build(self, var_list):
+        self.base_optimizer.build(var_list)
+        self.build_state(var_list)
+        self.built = True
+
+    # -- The update is the base optimizer's. --
+
+    def apply(self, grads, trainable_variables=None):
+        self.base_optimizer.apply(grads, trainable_variables)
+        self.built = True
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        # The base optimizer's values come first; this optimizer's own
+        # (already updated by the step) pass through.
+        count = len(self.base_optimizer.variables)
+        trainable_variables, base_values = self.base_optimizer.stateless_apply(
+            optimizer_variables[:count], grads, trainable_variables
+        )
+        own_values = [keras.ops.convert_to_tensor(v) for v in optimizer_variables[count:]]
+        return trainable_variables, list(base_values) + own_values
+
+    def finalize_variable_values(self, var_list):
+        self.base_optimizer.finalize_variable_values(var_list)
+
+    def scale_loss(self, loss):
+        return self.base_optimizer.scale_loss(loss)
+
+    @property
+    def loss_scale_factor(self):
+        base = self.__dict__.get("base_optimizer")
+        return None if base is None else base.loss_scale_factor
+
+    @loss_scale_factor.setter
+    def loss_scale_factor(self, value):
+        # A LossScaleOptimizer turns off its inner optimizer's static scaling;
+        # that scaling lives on the base optimizer. (Keras's constructor sets
+        # it before `base_optimizer` exists.)
+        base = self.__dict__.get("base_optimizer")
+        if base is not None:
+            base.loss_scale_factor = value
+
+    @property
+    def learning_rate(self):
+        return self.base_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        base = self.__dict__.get("base_optimizer")
+        if base is not None:
+            base.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.base_optimizer.iterations
+
+    # -- Saving: the base optimizer is part of the config. --
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "base_optimizer": keras.saving.serialize_keras_object(self.base_optimizer),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["base_optimizer"] = keras.saving.deserialize_keras_object(
+            config["base_optimizer"], custom_objects=custom_objects
+        )
+        return cls(**config)
