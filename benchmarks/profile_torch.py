@@ -15,11 +15,11 @@ os.environ["KERAS_BACKEND"] = "torch"
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from sam_bench.configs import FULL  # noqa: E402  (same folder)
+from sam_bench.models import build_keras_model  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import keras_ssam  # noqa: E402
-from sam_bench.configs import FULL  # noqa: E402  (same folder)
-from sam_bench.models import build_keras_model  # noqa: E402
 
 BATCH = 128
 

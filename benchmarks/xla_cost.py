@@ -13,10 +13,10 @@ os.environ["KERAS_BACKEND"] = "jax"
 import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-
-import keras_ssam  # noqa: E402
 from sam_bench.configs import FULL  # noqa: E402  (same folder)
 from sam_bench.models import build_keras_model  # noqa: E402
+
+import keras_ssam  # noqa: E402
 
 BATCH = 128
 

@@ -173,7 +173,8 @@ def describe_device():
             import jax
 
             devices = jax.devices()
-            return ", ".join(sorted({f"{d.platform}:{getattr(d, 'device_kind', '')}" for d in devices})) + f" x{len(devices)}"
+            kinds = sorted({f"{d.platform}:{getattr(d, 'device_kind', '')}" for d in devices})
+            return ", ".join(kinds) + f" x{len(devices)}"
         if backend == "tensorflow":
             import tensorflow as tf
 

@@ -61,7 +61,6 @@ if BACKEND == "tensorflow":
 import contextlib  # noqa: E402
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import keras_ssam  # noqa: E402

@@ -61,11 +61,11 @@ import time
 import keras
 import numpy as np
 from keras import ops
+from lr_sweep_digits import floats, ints  # the sweep's argument parsers
+from quickstart import EpochTimer, build_cnn, load_data  # same data split and network as the quick start
 
 import keras_ssam
 from keras_ssam import flatness
-from lr_sweep_digits import floats, ints  # the sweep's argument parsers
-from quickstart import EpochTimer, build_cnn, load_data  # same data split and network as the quick start
 
 METHODS = ("SGD", "SAM", "SSAM", "LookSAM", "LookSAM-stable", "LookSAM-a0.3", "RST-SAM",
            "RST-SSAM", "late-SAM", "late-SSAM")

@@ -33,7 +33,8 @@ examples.
 A run counts as failed when its training loss at the final weights is NaN
 (training stops at a NaN, keras.callbacks.TerminateOnNaN) or above 2.0 (chance level is ln 10 = 2.30):
 at large learning rates the network dies (dead ReLUs, loss stuck at ln 10)
-rather than overflowing. Its test accuracy is that of its last weights. Numbers are from a small model on a small dataset:
+rather than overflowing. Its test accuracy is that of its last weights.
+Numbers are from a small model on a small dataset:
 read them as a demonstration of the tools, and rerun on your own machine.
 On a busy machine the torch backend can be much faster with
 OMP_NUM_THREADS=1 (torch's CPU threads otherwise spin waiting for each other
@@ -47,10 +48,10 @@ import time
 
 import keras
 import numpy as np
+from quickstart import build_cnn, load_data  # same data split and network as the quick start
 
 import keras_ssam
 from keras_ssam import flatness
-from quickstart import build_cnn, load_data  # same data split and network as the quick start
 
 METHODS = ("SGD", "SAM", "USAM", "SSAM")
 FAILED_LOSS = 2.0
@@ -192,7 +193,9 @@ def print_flatness(rows, n, args):
         f"power iteration <= {args.power_iterations} steps, Hutchinson with "
         f"{args.trace_samples} Rademacher probes)"
     )
-    print(f"{'method':<7}{'lr':>8}{'seed':>6}{'test acc':>10}{'train loss':>12}{'top eig':>11}{'trace':>11}{'s':>7}  note")
+    print(
+        f"{'method':<7}{'lr':>8}{'seed':>6}{'test acc':>10}{'train loss':>12}{'top eig':>11}{'trace':>11}{'s':>7}  note"
+    )
     for r in rows:
         print(
             f"{r['method']:<7}{r['lr']:>8g}{r['seed']:>6d}{r['test_accuracy']:>10.4f}"

@@ -70,13 +70,12 @@ import os
 import sys
 import time
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import ops
+from toy_objectives import METHODS, make_optimizer, value_loss
 
 import keras_ssam
-from toy_objectives import METHODS, make_optimizer, value_loss
 
 EIGENVALUES = (2.0, 1.0, 0.5)
 RHO = 0.5

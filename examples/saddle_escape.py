@@ -61,13 +61,12 @@ import os
 import sys
 import time
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import ops
+from toy_objectives import METHODS, make_optimizer, value_loss
 
 import keras_ssam
-from toy_objectives import METHODS, make_optimizer, value_loss
 
 X0, Y0 = 1.0, 1e-3
 THRESHOLD = 1.0

@@ -29,9 +29,9 @@ outputs are sam_family_digits.json and .png under --out.
 """
 
 import keras
+from efficient_sam import main  # the comparison's runner, table and plot
 
 import keras_ssam
-from efficient_sam import main  # the comparison's runner, table and plot
 
 METHODS = ("SGD", "SAM", "SSAM", "GSAM", "GSAM-stable", "F-SAM", "F-SAM-stable", "WSAM", "WSAM-stable")
 

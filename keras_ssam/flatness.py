@@ -48,8 +48,7 @@ import weakref
 
 import keras
 import numpy as np
-from keras import ops
-from keras import tree
+from keras import ops, tree
 
 from keras_ssam._validation import check_int, check_number
 from keras_ssam.backend import backend_module

@@ -17,8 +17,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import keras
-from keras import ops
-from keras import tree
+from keras import ops, tree
 
 from keras_ssam import _kernels
 from keras_ssam.backend import backend_module

@@ -14,7 +14,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import BACKEND
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")

@@ -24,12 +24,9 @@ g. `get_config` / `from_config` round trips.
 
 import random
 
+import keras
 import numpy as np
 import pytest
-
-import keras
-
-import keras_ssam
 from efficient_reference import EfficientSAM, epoch_diagnostics, relu_linear_mse, run, step_draws
 from test_features import (
     DIAGNOSTICS,
@@ -44,6 +41,8 @@ from test_features import (
     chunked_sam_reference,
     linear_mse,
 )
+
+import keras_ssam
 
 BACKEND = keras.backend.backend()
 
@@ -907,6 +906,7 @@ def test_jax_conditional_branches_hold_only_canonical_convolutions():
     NHWC inputs and HWIO kernels (the layout XLA:CPU calls Eigen for), and
     the values equal the unrewritten function's."""
     import jax
+
     from keras_ssam.backend.jax_conv_layout import canonical_convolutions
 
     rng = np.random.default_rng(1)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import BACKEND
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")

@@ -17,12 +17,10 @@ written by hand; the base optimizers' update rules are spelled out below):
 6. `num_batch_splits` (m-sharpness).
 """
 
-import re
-
-import numpy as np
-import pytest
 
 import keras
+import numpy as np
+import pytest
 from keras import ops
 
 import keras_ssam

@@ -9,10 +9,10 @@ tensor for two weights, a stride-0 expanded tensor), end to end included.
 import keras
 import numpy as np
 import pytest
+from conftest import BACKEND
 from keras import ops
 
 from keras_ssam import SAM, SSAM, SAMModel, _kernels, sam_math
-from conftest import BACKEND
 
 
 def _np(t):

@@ -10,10 +10,9 @@ from importlib import resources
 import keras
 import numpy as np
 import pytest
+from conftest import BACKEND
 
 import keras_ssam
-
-from conftest import BACKEND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

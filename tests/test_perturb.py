@@ -23,14 +23,13 @@
 
 import os
 
+import keras
 import numpy as np
 import pytest
-
-import keras
+import reference as ref
 from keras import ops
 
 import keras_ssam
-import reference as ref
 
 BACKEND = keras.backend.backend()
 
@@ -212,7 +211,8 @@ def masked_sam_gradient(params, x, t, mask, *, rho, normalize=True, stable=False
     scale = [np.abs(p) + eta if adaptive else np.ones_like(p) for p in params]
     t_g = [s * gi for s, gi in zip(scale, g)]
     selected = [i for i, keep in enumerate(mask) if keep]
-    ascent_norm = np.sqrt(sum(np.sum(t_g[i] ** 2) for i in (range(len(g)) if sabotage == "norm_over_all" else selected)))
+    over = range(len(g)) if sabotage == "norm_over_all" else selected
+    ascent_norm = np.sqrt(sum(np.sum(t_g[i] ** 2) for i in over))
     factor = rho / (ascent_norm + epsilon) if normalize else rho
     e = [factor * s * tg if keep else np.zeros_like(tg) for s, tg, keep in zip(scale, t_g, mask)]
     perturbed = [p + ei for p, ei in zip(params, e)]

@@ -13,8 +13,6 @@ import warnings
 import keras
 import numpy as np
 import pytest
-
-import keras_ssam
 from test_features import (
     VARIANTS,
     NumpyOptimizer,
@@ -23,6 +21,8 @@ from test_features import (
     _problem,
     reference_run,
 )
+
+import keras_ssam
 
 BACKEND = keras.backend.backend()
 

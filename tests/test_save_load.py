@@ -11,10 +11,9 @@
 
 import copy
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 from keras import ops
 
 import keras_ssam

@@ -19,10 +19,9 @@ Keras model trained the same way):
 All models are tiny and run a handful of steps.
 """
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 from keras import ops
 
 import keras_ssam

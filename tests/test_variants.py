@@ -25,16 +25,15 @@ gradients by hand, `reference.TanhMLP`; Keras SGD spelled out):
 8. get_config / from_config round trips.
 """
 
+import keras
 import numpy as np
 import pytest
-
-import keras
-from keras import ops
-
-import keras_ssam
 import reference as ref
 import variants_reference as vref
 from efficient_reference import step_draws
+from keras import ops
+
+import keras_ssam
 
 BACKEND = keras.backend.backend()
 N_IN, N_HIDDEN, N_OUT = 4, 5, 2

@@ -56,7 +56,6 @@ mean g_i).
 """
 
 import numpy as np
-
 from efficient_reference import runs_perturbed_pass
 
 KINDS = ("gsam", "friendly", "wsam")

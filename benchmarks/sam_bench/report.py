@@ -8,8 +8,7 @@ per backend, one panel per model, whiskers min-max over repetitions).
 import json
 import os
 
-from .configs import (MEMORY_TARGET_WEIGHTS, MIXED_CONFIGS, MODELS, PEER_LEGEND, RATIOS,
-                      RSS_VERDICT_MIN_WEIGHT_MIB)
+from .configs import MEMORY_TARGET_WEIGHTS, MIXED_CONFIGS, MODELS, PEER_LEGEND, RATIOS, RSS_VERDICT_MIN_WEIGHT_MIB
 
 
 def write(results, meta, out):
@@ -55,7 +54,11 @@ def report(results, meta):
             p(f"\n=== {backend}: FAILED ===\n{res['error']}")
             continue
         p(f"\n=== {backend}  (peer: {res['peer'] or 'none'}"
-          + (f"; {res['peer_skipped_reason']}" if res.get("peer_skipped_reason") and res["peer"] is None and backend != "tensorflow" else "")
+          + (
+              f"; {res['peer_skipped_reason']}"
+              if res.get("peer_skipped_reason") and res["peer"] is None and backend != "tensorflow"
+              else ""
+          )
           + ") ===")
         for model_name, entry in res["models"].items():
             p(f"-- {model_name}: {entry['trainable_params']:,} trainable parameters "

@@ -2,8 +2,7 @@
 
 import keras
 import tensorflow as tf
-from keras import ops
-from keras import tree
+from keras import ops, tree
 
 from keras_ssam import _keras_private, step
 from keras_ssam.model import SAMModel, without_diagnostics

@@ -8,8 +8,7 @@ clean pass left it: all passes see the same dropout mask.
 
 import keras
 import torch
-from keras import ops
-from keras import tree
+from keras import ops, tree
 
 from keras_ssam import step
 from keras_ssam.model import SAMModel, without_diagnostics
