@@ -42,6 +42,8 @@ References:
         two estimators applied to neural networks.
 """
 
+from __future__ import annotations
+
 import math
 import numbers
 import weakref
@@ -357,18 +359,18 @@ def _to_tensors(arrays, dtypes):
 
 
 def hessian_top_eigenvalue(
-    model,
+    model: keras.Model,
     x,
     y,
     loss=None,
-    num_iterations=20,
-    tol=1e-4,
-    batch_size=256,
-    seed=None,
-    include_regularization=False,
-    method="autodiff",
-    finite_difference_step=None,
-):
+    num_iterations: int = 20,
+    tol: float = 1e-4,
+    batch_size: int = 256,
+    seed: int | None = None,
+    include_regularization: bool = False,
+    method: str = "autodiff",
+    finite_difference_step: float | None = None,
+) -> float:
     """Top eigenvalue of the loss Hessian w.r.t. the trainable weights.
 
     Power iteration on the Hessian `H` of the dataset loss at the model's
@@ -455,17 +457,17 @@ def hessian_top_eigenvalue(
 
 
 def hessian_trace(
-    model,
+    model: keras.Model,
     x,
     y,
     loss=None,
-    num_samples=100,
-    batch_size=256,
-    seed=None,
-    include_regularization=False,
-    method="autodiff",
-    finite_difference_step=None,
-):
+    num_samples: int = 100,
+    batch_size: int = 256,
+    seed: int | None = None,
+    include_regularization: bool = False,
+    method: str = "autodiff",
+    finite_difference_step: float | None = None,
+) -> float:
     """Hessian trace of the loss w.r.t. the trainable weights (Hutchinson).
 
     Hutchinson's estimator (Hutchinson 1989; used for networks by

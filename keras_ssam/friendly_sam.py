@@ -4,6 +4,8 @@ Li, Zhou, He, Cheng & Huang, "Friendly Sharpness-Aware Minimization",
 CVPR 2024 (arXiv 2403.12350), Algorithm 1.
 """
 
+from __future__ import annotations
+
 import keras
 
 from keras_ssam import sam_math
@@ -54,7 +56,15 @@ class FriendlySAM(SAM):
     # m_t is linear in g_t: a chunked step averages the chunks' m_t.
     state_averages_over_chunks = True
 
-    def __init__(self, base_optimizer, rho=0.05, *, sigma=1.0, lmbda=0.9, **kwargs):
+    def __init__(
+        self,
+        base_optimizer: keras.optimizers.Optimizer,
+        rho=0.05,
+        *,
+        sigma: float = 1.0,
+        lmbda: float = 0.9,
+        **kwargs,
+    ):
         check_number("sigma", sigma, minimum=0.0)
         check_number("lmbda", lmbda, minimum=0.0)
         if lmbda >= 1:

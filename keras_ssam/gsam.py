@@ -4,6 +4,8 @@ Zhuang, Gong, Yuan, Cui, Adam, Dvornek, Tatikonda, Duncan & Liu, "Surrogate
 Gap Guided Sharpness-Aware Minimization", ICLR 2022 (arXiv 2203.08065).
 """
 
+from __future__ import annotations
+
 import keras
 from keras import ops
 
@@ -59,13 +61,13 @@ class GSAM(SAM):
 
     def __init__(
         self,
-        base_optimizer,
-        rho=0.05,
+        base_optimizer: keras.optimizers.Optimizer,
+        rho: float = 0.05,
         *,
-        alpha=0.4,
-        rho_min=None,
-        lr_max=None,
-        lr_min=0.0,
+        alpha: float = 0.4,
+        rho_min: float | None = None,
+        lr_max: float | None = None,
+        lr_min: float = 0.0,
         **kwargs,
     ):
         check_number("alpha", alpha, minimum=0.0, maximum=1.0)

@@ -4,11 +4,13 @@ Liu, Mai, Chen, Hsieh & You, "Towards Efficient and Scalable Sharpness-Aware
 Minimization", CVPR 2022 (arXiv 2203.02714), Algorithm 1.
 """
 
+from __future__ import annotations
+
 import keras
 from keras import ops
 
 from keras_ssam import _kernels, sam_math
-from keras_ssam._validation import check_int, check_number
+from keras_ssam._validation import check_bool, check_int, check_number
 from keras_ssam.optimizers import SAM
 
 
@@ -55,21 +57,18 @@ class LookSAM(SAM):
 
     def __init__(
         self,
-        base_optimizer,
+        base_optimizer: keras.optimizers.Optimizer,
         rho=0.05,
         *,
-        k=5,
-        alpha=0.7,
-        layerwise=False,
-        normalize=True,
+        k: int = 5,
+        alpha: float = 0.7,
+        layerwise: bool = False,
+        normalize: bool = True,
         **kwargs,
     ):
         check_int("k", k, 1)
         check_number("alpha", alpha, minimum=0.0, maximum=1.0)
-        if not isinstance(layerwise, bool):
-            raise ValueError(
-                f"Argument `layerwise` must be a bool. Received: layerwise={layerwise!r}"
-            )
+        check_bool("layerwise", layerwise)
         super().__init__(base_optimizer, rho, normalize=normalize, **kwargs)
         self.k = int(k)
         self.alpha = alpha

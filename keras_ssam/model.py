@@ -75,13 +75,21 @@ class SAMModel(keras.Model):
     ```
     """
 
+    # The mode of the pass whose gradient defines the perturbation (`True`:
+    # the clean pass's gradient, in training mode). The tf.keras shim
+    # (`keras_ssam.SharpnessAwareMinimization`) sets `False`, as tf.keras did.
+    ascent_training = True
+    # How a step over batch chunks combines the chunks' updates: "mean"
+    # (weighted by chunk size) or "sum" (tf.keras's SAM).
+    batch_split_reduction = "mean"
+
     def __init__(
         self,
-        model,
-        diagnostics=False,
-        num_batch_splits=1,
-        perturbation_scope="global",
-        name=None,
+        model: keras.Model,
+        diagnostics: bool = False,
+        num_batch_splits: int = 1,
+        perturbation_scope: str = "global",
+        name: str | None = None,
         **kwargs,
     ):
         if not isinstance(model, keras.Model):

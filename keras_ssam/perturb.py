@@ -17,13 +17,15 @@ cells, attention). Anything else, e.g.
 `keras.Variable` and returning a bool.
 """
 
+from __future__ import annotations
+
 import keras
 import numpy as np
 
 PRESETS = ("all", "no_norm", "norm_only")
 
 
-def check_perturb(perturb):
+def check_perturb(perturb) -> None:
     if callable(perturb) and not isinstance(perturb, str):
         return
     if perturb not in PRESETS:
@@ -45,7 +47,7 @@ def _normalization_types():
     return tuple(getattr(keras.layers, n) for n in names if hasattr(keras.layers, n))
 
 
-def is_normalization_layer(layer):
+def is_normalization_layer(layer: keras.layers.Layer) -> bool:
     if isinstance(layer, keras.layers.Wrapper):
         return False  # e.g. SpectralNormalization: the weights are the wrapped layer's
     name = type(layer).__name__
@@ -56,7 +58,7 @@ def is_normalization_layer(layer):
     )
 
 
-def is_bias(variable):
+def is_bias(variable: keras.Variable) -> bool:
     name = variable.name.rpartition("/")[2]
     return name == "bias" or name.endswith("_bias")
 
@@ -74,7 +76,7 @@ def _layers(model):
     return found
 
 
-def perturbed_mask(perturb, variables, model):
+def perturbed_mask(perturb, variables: list, model: keras.Model) -> list | None:
     """A bool per variable of `variables` (True: perturbed), or `None` when
     every variable is.
 

@@ -77,6 +77,8 @@ def needs_clean_gradients(model) -> bool:
     """Whether a step of `model` needs the clean gradient of the whole batch:
     not when the batch is split and every step runs the perturbed pass (the
     chunks' gradients replace it)."""
+    if not model.ascent_training:
+        return False
     return model.num_batch_splits == 1 or not model.sam_optimizer().always_runs_perturbed_pass()
 
 
@@ -102,9 +104,10 @@ def sam_step(
             (the chunks' gradients replace it).
         weights: the trainable weights' values `w`.
         clean_loss: the unscaled batch loss at `w` (for `sharpness`).
-        gradient_at: `(values, x, y, sample_weight) -> (unscaled loss, grads
-            of the scaled loss)` at `values`, from the pre-step state (same
-            dropout noise, BatchNorm statistics), writing nothing.
+        gradient_at: `(values, x, y, sample_weight, training=True) ->
+            (unscaled loss, grads of the scaled loss)` at `values`, from the
+            pre-step state (same dropout noise, BatchNorm statistics),
+            writing nothing.
         data: the batch `(x, y, sample_weight)`.
         replicas: tf.distribute's replicas of this step.
         batch_shards: data-parallel shards of a global batch (JAX
@@ -157,6 +160,8 @@ class _Step:
         self.gradient_at = gradient_at
         self.data = data
         self.diagnostics = model.diagnostics
+        self.ascent_training = model.ascent_training
+        self.sum_chunks = model.batch_split_reduction == "sum"
         self.mask = model._perturbed_mask()
         self.loss_scale = self.grad_scale = loss_scale(model.optimizer)
         local = model.perturbation_scope == "local"
@@ -183,10 +188,15 @@ class _Step:
         """`(update, stats, state, decoupled)` of the step with the perturbed
         pass; over chunks, their values weighted by chunk size."""
         if self.splits == 1:
-            return self.one_chunk(grads, self.clean_loss, self.data)
+            clean_loss = self.clean_loss
+            if not self.ascent_training:
+                clean_loss, grads = self.gradient_at(self.weights, *self.data, training=False)
+            return self.one_chunk(grads, clean_loss, self.data)
         total = None
         for chunk, weight in split_batch(self.data, self.splits):
-            chunk_loss, chunk_grads = self.gradient_at(self.weights, *chunk)
+            if self.sum_chunks:
+                weight = 1.0
+            chunk_loss, chunk_grads = self.gradient_at(self.weights, *chunk, training=self.ascent_training)
             result = tree.map_structure(
                 lambda v: None if v is None else _weighted(v, weight),
                 self.one_chunk(chunk_grads, chunk_loss, chunk),
@@ -339,7 +349,9 @@ def split_batch(data: tuple, splits: int) -> list:
     return chunks
 
 
-def stateless_training_loss(model, trainable_values, non_trainable_values, metrics_values, x, y, sample_weight):
+def stateless_training_loss(
+    model, trainable_values, non_trainable_values, metrics_values, x, y, sample_weight, training=True
+):
     """`model`'s unscaled training loss at the given values; writes nothing.
 
     Includes the compiled losses (with `loss_weights` and `sample_weight`)
@@ -353,7 +365,7 @@ def stateless_training_loss(model, trainable_values, non_trainable_values, metri
         trainable_values,
         non_trainable_values,
         x,
-        training=True,
+        training=training,
         return_losses=True,
     )
     if losses:
@@ -369,7 +381,7 @@ def stateless_training_loss(model, trainable_values, non_trainable_values, metri
             y=y,
             y_pred=y_pred,
             sample_weight=sample_weight,
-            training=True,
+            training=training,
         )
     finally:
         if losses:

@@ -4,10 +4,12 @@ Yue, Jiang, Ye, Gao, Liu & Zhang, "Sharpness-Aware Minimization Revisited:
 Weighted Sharpness as a Regularization Term", KDD 2023 (arXiv 2305.15817).
 """
 
+from __future__ import annotations
+
 import keras
 
 from keras_ssam import sam_math
-from keras_ssam._validation import check_number
+from keras_ssam._validation import check_bool, check_number
 from keras_ssam.optimizers import SAM
 
 
@@ -46,15 +48,22 @@ class WSAM(SAM):
     ```
     """
 
-    def __init__(self, base_optimizer, rho=0.05, *, gamma=0.9, decouple=True, **kwargs):
+    def __init__(
+        self,
+        base_optimizer: keras.optimizers.Optimizer,
+        rho=0.05,
+        *,
+        gamma: float = 0.9,
+        decouple: bool = True,
+        **kwargs,
+    ):
         check_number("gamma", gamma, minimum=0.0)
         if gamma >= 1:
             raise ValueError(
                 "Argument `gamma` must be a finite number >= 0 and < 1 (the "
                 f"sharpness weight is gamma / (1 - gamma)). Received: gamma={gamma!r}"
             )
-        if not isinstance(decouple, bool):
-            raise ValueError(f"Argument `decouple` must be a bool. Received: decouple={decouple!r}")
+        check_bool("decouple", decouple)
         super().__init__(base_optimizer, rho, **kwargs)
         self.gamma = gamma
         self.decouple = decouple

@@ -25,11 +25,11 @@ def train_step(model, state, data):
     optimizer_variables = model.optimizer.variables
     optimizer_mapping = list(zip(optimizer_variables, optimizer_values))
 
-    def scaled_loss(values, x, y, sample_weight):
+    def scaled_loss(values, x, y, sample_weight, training=True):
         # Always from the pre-step state: the perturbed pass sees the clean
         # pass's dropout noise and BatchNorm statistics.
         loss, y_pred, new_non_trainable, new_metrics = step.stateless_training_loss(
-            model, values, non_trainable, metrics_values, x, y, sample_weight
+            model, values, non_trainable, metrics_values, x, y, sample_weight, training
         )
         with StatelessScope(state_mapping=optimizer_mapping):
             scaled = model.optimizer.scale_loss(loss)
@@ -37,8 +37,8 @@ def train_step(model, state, data):
 
     grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
 
-    def gradient_at(values, x, y, sample_weight):
-        (_, aux), grads = grad_fn(values, x, y, sample_weight)
+    def gradient_at(values, x, y, sample_weight, training=True):
+        (_, aux), grads = grad_fn(values, x, y, sample_weight, training)
         return aux[0], grads
 
     # Clean pass at w: its state updates are the step's. With batch splits

@@ -87,12 +87,12 @@ def train_step(model, data):
     grads = _dense(tape.gradient(scaled, trainable)) if step.needs_clean_gradients(model) else None
     del tape
 
-    def gradient_at(values, x, y, sample_weight):
+    def gradient_at(values, x, y, sample_weight, training=True):
         # Nothing computed here is written: the perturbed pass leaves no trace.
         with tf.GradientTape() as tape:
             tape.watch(values)
             loss, _, _, _ = step.stateless_training_loss(
-                model, values, non_trainable_before, metrics_before, x, y, sample_weight
+                model, values, non_trainable_before, metrics_before, x, y, sample_weight, training
             )
             scaled = model.optimizer.scale_loss(loss)
         return unscale_loss_for_distribution(loss), _dense(tape.gradient(scaled, values))

@@ -90,14 +90,14 @@ def train_step(model, data):
         )
     rng_after = _rng_state()
 
-    def gradient_at(values, x, y, sample_weight):
+    def gradient_at(values, x, y, sample_weight, training=True):
         # Nothing computed here is written: the perturbed pass leaves no trace.
         # Called from the no-grad SAM arithmetic: only this pass needs autograd.
         with torch.enable_grad():
             values = [v.detach().requires_grad_(True) for v in values]
             _set_rng_state(rng_before)
             loss, _, _, _ = step.stateless_training_loss(
-                model, values, non_trainable_before, metrics_values, x, y, sample_weight
+                model, values, non_trainable_before, metrics_values, x, y, sample_weight, training
             )
             grads = torch.autograd.grad(
                 model.optimizer.scale_loss(loss), values, allow_unused=True
