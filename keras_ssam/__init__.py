@@ -72,7 +72,9 @@ try:
     from keras_ssam.gsam import GSAM
     from keras_ssam.looksam import LookSAM
     from keras_ssam.model import SAMModel
+    from keras_ssam.momentum_sam import MomentumSAM
     from keras_ssam.optimizers import SAM, SSAM, USAM
+    from keras_ssam.random_sam import RandomSAM
     from keras_ssam.schedules import sam_step_draws
     from keras_ssam.step import StepUpdate
     from keras_ssam.wsam import WSAM
@@ -88,6 +90,8 @@ __all__ = [
     "FriendlySAM",
     "GSAM",
     "LookSAM",
+    "MomentumSAM",
+    "RandomSAM",
     "SAM",
     "SSAM",
     "SAMModel",

@@ -62,9 +62,14 @@ class ForwardingOptimizer(keras.optimizers.Optimizer):
         through the stateless step after the base optimizer's)."""
         return []
 
+    def own_variables(self) -> list:
+        """All of this optimizer's own variables, after the base optimizer's
+        in `variables`: `state_variables()` unless a subclass keeps more."""
+        return self.state_variables()
+
     @property
     def variables(self):
-        return self.base_optimizer.variables + self.state_variables()
+        return self.base_optimizer.variables + self.own_variables()
 
     def build(self, var_list):
         self.base_optimizer.build(var_list)

@@ -87,7 +87,7 @@ class FriendlySAM(SAM):
         return list(self._momentum)
 
     def _new_momentum(self, grads, grad_scale):
-        return sam_math.friendly_momentum(
+        return sam_math.gradient_moving_average(
             [v.value for v in self._momentum], grads, self.lmbda, grad_scale=grad_scale
         )
 

@@ -78,8 +78,8 @@ class LookSAM(SAM):
     def always_runs_perturbed_pass(self):
         return self.k == 1 and super().always_runs_perturbed_pass()
 
-    def runs_perturbed_pass(self, iteration):
-        drawn = super().runs_perturbed_pass(iteration)
+    def runs_perturbed_pass(self, iteration, grad_norm=None):
+        drawn = super().runs_perturbed_pass(iteration, grad_norm)
         if self.k == 1 or drawn is False:
             return drawn
         on_cycle = ops.equal(ops.mod(iteration, self.k), 0)

@@ -169,8 +169,13 @@ class SAMModel(keras.Model):
         # Resolve `perturb` before the first step: a bad selection raises
         # here, while the variables are intact (on JAX `fit` moves them into
         # the step's state first).
-        if self.built and find_sam_optimizer(getattr(self, "_compiled_optimizer", None)) is not None:
+        sam = find_sam_optimizer(getattr(self, "_compiled_optimizer", None))
+        if self.built and sam is not None:
             self._perturbed_mask()
+        if sam is not None and self.diagnostics and (self.train_function is None or force):
+            description = sam.step_description()
+            if description:
+                print(description)
         return super().make_train_function(force=force)
 
     def train_step(self, *args):

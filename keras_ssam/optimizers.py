@@ -156,6 +156,7 @@ class SAM(ForwardingOptimizer):
             seed = random.randint(1, 10**9)
         self.seed = seed if seed is None else int(seed)
         self._applying = None
+        self._decision_variables = []
         # Set by SAMModel when compiled with this optimizer; `_built_elsewhere`
         # when a model that is not one built it.
         self._attached_to_sam_model = False
@@ -173,14 +174,24 @@ class SAM(ForwardingOptimizer):
 
     def always_runs_perturbed_pass(self) -> bool:
         """Whether every step runs the perturbed pass (known when tracing)."""
+        if self.decision_needs_gradient():
+            return False
         return schedules.drawn(self.sam_probability, self.seed, 0) is True
 
-    def runs_perturbed_pass(self, iteration):
+    def decision_needs_gradient(self) -> bool:
+        """Whether `runs_perturbed_pass` reads the clean gradient's norm
+        (`schedules.AdaptiveSteps`)."""
+        return getattr(self.sam_probability, "needs_gradient", False)
+
+    def runs_perturbed_pass(self, iteration, grad_norm=None):
         """Whether the step at `iteration` (the count before the step) runs
         the perturbed pass: `True` or `False` when known when tracing, else
         a scalar boolean tensor (the step then runs a conditional). By
-        default the `sam_probability` draw (`keras_ssam.sam_step_draws`);
-        LookSAM adds its `t % k`."""
+        default the `sam_probability` draw (`keras_ssam.sam_step_draws`) or
+        policy (`grad_norm` is the unscaled clean `||g||` when
+        `decision_needs_gradient()`); LookSAM adds its `t % k`."""
+        if self.decision_needs_gradient():
+            return self.sam_probability.decide(iteration, grad_norm, self._decision_variables)
         return schedules.drawn(self.sam_probability, self.seed, iteration)
 
     def perturbation(self, grads, weights, grad_scale=None, *, mask=None, overwrite_grads=False):
@@ -281,6 +292,18 @@ class SAM(ForwardingOptimizer):
             "clean_fallback": ops.cast(vanished, "float32"),
         }
 
+    # A single-pass variant takes the step's only gradient at w + e, with e
+    # known before any gradient (`perturbation_before_gradient`): Momentum-SAM,
+    # random weight perturbation. That pass is stateful, as Keras's own step.
+    single_pass = False
+
+    def perturbation_before_gradient(self, weights, *, mask=None):
+        """A single-pass variant's `e` per weight (`None`: not perturbed),
+        from its state or a seeded draw, before the step's gradient; and a
+        scalar for the diagnostics' `grad_norm` (the norm of the direction).
+        Only called when `single_pass` is true."""
+        raise NotImplementedError(f"{type(self).__name__} takes its perturbation from the clean gradient.")
+
     def skipped_update(self, grads):
         """The gradient handed to the base optimizer on a step without the
         perturbed pass: the clean gradient. The step gives `grads` up (torch
@@ -306,8 +329,15 @@ class SAM(ForwardingOptimizer):
 
     def next_state(self, grads, perturbed_grads, grad_norm, grad_scale=None):
         """New values of `state_variables()` after a step with the perturbed
-        pass (a skipped step leaves them unchanged); none for SAM."""
+        pass (a skipped step leaves them unchanged); none for SAM. A
+        single-pass variant gets `grads=None` and is called on every step."""
         return []
+
+    def step_description(self) -> str | None:
+        """A line `SAMModel(..., diagnostics=True)` prints when training
+        starts (a choice the variant made once, e.g. Momentum-SAM's
+        direction), or `None`."""
+        return None
 
     # -- Use inside SAMModel only. --
 
@@ -348,9 +378,15 @@ class SAM(ForwardingOptimizer):
             )
         return super().variables
 
+    def own_variables(self):
+        # The step decision's statistics (AdaptiveSteps) after the variant's.
+        return self.state_variables() + list(self._decision_variables)
+
     def build(self, var_list):
         if not self._attached_to_sam_model:
             self._built_elsewhere = True
+        if self.decision_needs_gradient() and not self._decision_variables:
+            self._decision_variables = self.sam_probability.create_variables(self)
         super().build(var_list)
 
     def apply(self, grads, trainable_variables=None):

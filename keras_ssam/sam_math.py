@@ -303,13 +303,14 @@ def surrogate_gap_update(perturbed_grads, grads, alpha, *, coefficient=None):
     ]
 
 
-def friendly_momentum(momentum, grads, lmbda, *, grad_scale=None):
-    """F-SAM's estimate of the full gradient (Li et al. 2024, Algorithm 1):
+def gradient_moving_average(momentum, grads, lmbda, *, grad_scale=None):
+    """An exponential moving average of the unscaled batch gradients:
 
-        m_t = lmbda * m_{t-1} + (1 - lmbda) * g_t
+        m_t = lmbda * m_{t-1} + (1 - lmbda) * g_t       (m_0 = 0)
 
-    an exponential moving average of the unscaled batch gradients (`m_0 =
-    0`); a `None` gradient leaves its entry unchanged.
+    F-SAM's estimate of the full gradient (Li et al. 2024, Algorithm 1), and
+    Momentum-SAM's direction when the base optimizer has none; a `None`
+    gradient leaves its entry unchanged.
     """
     inv_scale = 1.0 if grad_scale is None else 1.0 / grad_scale
     return [
@@ -384,4 +385,85 @@ def decoupled_step(weights, terms, learning_rate):
             finite, w - ops.cast(learning_rate, ops.dtype(w)) * ops.cast(t, ops.dtype(w)), w
         )
         for w, t in zip(weights, terms)
+    ]
+
+
+def momentum_ascent(direction, rho, *, sign=1.0, epsilon=1e-12):
+    """Momentum-SAM's perturbation (Becker et al., "Momentum-SAM: Sharpness
+    Aware Minimization without Computational Overhead", arXiv 2401.12033,
+    Algorithm 1; the authors' `optimizer/msam.py`):
+
+        e = -rho * v / (||v|| + epsilon)
+
+    with `v` the accumulated gradient (the momentum `v <- mu v + g`, or any
+    positive multiple of it such as Adam's first moment), so that the step's
+    gradient is taken at `w - rho v / ||v||`, ahead along the descent the
+    momentum is making. `direction` is what the optimizer stores, `sign * v`
+    up to a positive factor (Keras's SGD stores `-lr v`: `sign=-1`); entries
+    `None` are not perturbed and stay out of the norm. A zero momentum (the
+    first step) gives `e = 0`.
+
+    Returns:
+        `(e, ||v||)`.
+    """
+    norm = global_norm(direction)
+    factor = safe_divide(-sign * rho, norm + epsilon, ops.zeros_like(norm))
+    return _kernels.scale(direction, factor), norm
+
+
+def filter_wise_noise(weights, normals, sigma, *, fisher=None, eta=1.0):
+    """Random weight perturbation's noise (Li et al., "Revisiting Random
+    Weight Perturbation for Efficiently Improving Generalization", TMLR 2024;
+    the authors' code nblt/mARWP):
+
+        eps_j = sigma * ||W_j|| * z_j / sqrt(1 + eta * F_j)
+
+    for each output unit `j` of a weight with two or more axes (Keras keeps
+    output units on the last axis: `W_j = W[..., j]`, and `F_j` sums `F`
+    over that slice), and with the whole tensor's norm plus 1e-16 (and `F`
+    elementwise) for a vector or scalar, as the authors' code does. `normals`
+    are standard normal draws `z` shaped as the weights; `fisher` (the
+    adaptive variant, ARWP) is `F`, a running sum of squared perturbed
+    gradients, or `None`. Entries `None` in `normals` are not perturbed.
+    """
+    result = []
+    for i, (w, z) in enumerate(zip(weights, normals)):
+        if z is None:
+            result.append(None)
+            continue
+        w = ops.cast(w, ops.dtype(z))
+        f = None if fisher is None else ops.cast(fisher[i], ops.dtype(z))
+        if len(w.shape) >= 2:
+            axes = tuple(range(len(w.shape) - 1))
+            std = sigma * ops.sqrt(ops.sum(ops.square(w), axis=axes, keepdims=True))
+            if f is not None:
+                f = ops.sum(f, axis=axes, keepdims=True)
+        else:
+            std = sigma * (ops.sqrt(ops.sum(ops.square(w))) + 1e-16)
+        if f is not None:
+            std = std / ops.sqrt(1.0 + eta * f)
+        result.append(std * z)
+    return result
+
+
+def mixed_gradient(perturbed_grads, grads, mix):
+    """m-RWP's gradient (Li et al. 2024): `mix * g(w + eps) + (1 - mix) * g(w)`."""
+    return [
+        None if g_p is None else g_p if g is None else mix * g_p + (1.0 - mix) * g
+        for g_p, g in zip(perturbed_grads, grads)
+    ]
+
+
+def squared_gradient_sum(fisher, grads, beta, *, grad_scale=None):
+    """ARWP's curvature estimate (Li et al. 2024; the authors' code):
+
+        F <- beta * F + g_eps**2
+
+    of the unscaled gradients at the perturbed point; a `None` gradient
+    leaves its entry unchanged.
+    """
+    inv_scale = 1.0 if grad_scale is None else 1.0 / grad_scale
+    return [
+        f if g is None else beta * f + ops.square(ops.cast(g, f.dtype) * ops.cast(inv_scale, f.dtype))
+        for f, g in zip(fisher, grads)
     ]

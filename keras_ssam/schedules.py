@@ -1,7 +1,7 @@
 """Which steps run the perturbed pass: `sam_probability` and its draws.
 
 A SAM optimizer's `sam_probability` is the probability that a step runs the
-perturbed pass (RST: Zhao et al., "Randomized Sharpness-Aware Training for
+perturbed pass (or a policy: `AdaptiveSteps`) (RST: Zhao et al., "Randomized Sharpness-Aware Training for
 Boosting Computational Efficiency in Deep Learning", 2022): a float in
 [0, 1], a `keras.optimizers.schedules.LearningRateSchedule`, or a callable of
 the iteration count (e.g. `lambda it: it % 5 == 0`, SAM every 5 steps). The
@@ -12,12 +12,14 @@ backend and replica, and a resumed run continues the pattern.
 
 from __future__ import annotations
 
+import math
 import numbers
 
+import keras
 import numpy as np
 from keras import ops
 
-from keras_ssam._validation import check_number
+from keras_ssam._validation import check_int, check_number
 from keras_ssam.backend import backend_module
 
 DRAW_TABLE_SIZE = 1 << 16
@@ -31,7 +33,7 @@ def is_schedule(value) -> bool:
 
 
 def check_sam_probability(value) -> None:
-    if is_schedule(value):
+    if is_schedule(value) or isinstance(value, AdaptiveSteps):
         return
     check_number("sam_probability", value, minimum=0.0, maximum=1.0)
 
@@ -104,3 +106,156 @@ def drawn(sam_probability, seed: int, iteration):
     high = ops.cast((iteration // DRAW_TABLE_SIZE) % DRAW_TABLE_SIZE, "int32")
     s = ops.take(draws, low) + ops.take(draws, high)
     return ops.less(s - ops.floor(s), probability_at(sam_probability, iteration))
+
+
+@keras.saving.register_keras_serializable(package="keras_ssam")
+class EveryK:
+    """`sam_probability` schedule: the perturbed pass on every `k`-th step
+    (`t % k == offset`), a plain step in between (the "SAM every k steps"
+    practitioners use; LookSAM reuses a direction in between instead).
+
+    Args:
+        k: an int >= 1.
+        offset: which step of each cycle runs it, in `[0, k)`.
+
+    Example:
+
+    ```python
+    optimizer = keras_ssam.SSAM(keras.optimizers.SGD(0.05), rho=0.5,
+                                sam_probability=keras_ssam.schedules.EveryK(5))
+    ```
+    """
+
+    def __init__(self, k: int, offset: int = 0):
+        check_int("k", k, 1)
+        check_int("offset", offset, 0)
+        if offset >= k:
+            raise ValueError(f"Argument `offset` must be < k ({k}). Received: offset={offset!r}")
+        self.k = int(k)
+        self.offset = int(offset)
+
+    def __call__(self, iteration):
+        return ops.cast(ops.equal(ops.mod(ops.cast(iteration, "int32"), self.k), self.offset), "float32")
+
+    def get_config(self):
+        return {"k": self.k, "offset": self.offset}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="keras_ssam")
+class LatePhase:
+    """`sam_probability` schedule: plain steps before `start_step`, the
+    perturbed pass from then on (SAM late in training: Zhou et al., "Sharpness-
+    Aware Minimization Efficiently Selects Flatter Minima Late in Training",
+    ICLR 2025).
+
+    Args:
+        start_step: the first iteration that runs the perturbed pass, e.g.
+            `int(0.7 * epochs * steps_per_epoch)` for the last 30%.
+
+    Example:
+
+    ```python
+    optimizer = keras_ssam.SSAM(keras.optimizers.SGD(0.05), rho=0.5,
+                                sam_probability=keras_ssam.schedules.LatePhase(700))
+    ```
+    """
+
+    def __init__(self, start_step: int):
+        check_int("start_step", start_step, 0)
+        self.start_step = int(start_step)
+
+    def __call__(self, iteration):
+        return ops.cast(ops.greater_equal(ops.cast(iteration, "float32"), float(self.start_step)), "float32")
+
+    def get_config(self):
+        return {"start_step": self.start_step}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="keras_ssam")
+class AdaptiveSteps:
+    """`sam_probability` policy: the perturbed pass only where the squared
+    clean-gradient norm is large (AE-SAM: Jiang, Yang, Zhang & Kwok, "An
+    Adaptive Policy to Employ Sharpness-Aware Minimization", ICLR 2023).
+
+    With `n_t = ||g_t||^2` (the clean gradient, which every step computes
+    anyway, so deciding costs one norm):
+
+        mu_t      = delta mu_{t-1} + (1 - delta) n_t
+        sigma_t^2 = delta sigma_{t-1}^2 + (1 - delta) (n_t - mu_t)^2
+        perturbed pass iff  n_t >= mu_t + c_t sigma_t
+
+    with `c_t` going linearly from `c_start` at step 0 to `c_end` at
+    `total_steps` (and `c_end` after): a decreasing `c_t` runs the perturbed
+    pass on more steps as training goes on, as the paper intends. The paper
+    gives the schedule's form; the default end points (1 to -1, i.e. from
+    about 16% to about 84% of the steps for a normal `n_t`) and `delta` are
+    keras_ssam's choice, not a figure taken from the paper. `mu` and `sigma^2`
+    start at 0 and live in the SAM optimizer's variables (saved and
+    restored). The decision needs the clean gradient, so single-pass
+    variants (MomentumSAM, RandomSAM without `mix`) refuse it.
+
+    Args:
+        total_steps: the steps over which `c_t` goes from `c_start` to
+            `c_end` (usually all of training).
+        delta: the statistics' decay, in [0, 1).
+        c_start, c_end: the threshold's end points, in standard deviations.
+
+    Example:
+
+    ```python
+    optimizer = keras_ssam.SSAM(keras.optimizers.SGD(0.05), rho=0.5,
+                                sam_probability=keras_ssam.schedules.AdaptiveSteps(total_steps=1000))
+    ```
+    """
+
+    needs_gradient = True
+
+    def __init__(self, total_steps: int, delta: float = 0.9, c_start: float = 1.0, c_end: float = -1.0):
+        check_int("total_steps", total_steps, 1)
+        check_number("delta", delta, minimum=0.0)
+        if delta >= 1:
+            raise ValueError(f"Argument `delta` must be a finite number >= 0 and < 1. Received: delta={delta!r}")
+        check_number("c_start", c_start, minimum=-math.inf)
+        check_number("c_end", c_end, minimum=-math.inf)
+        self.total_steps = int(total_steps)
+        self.delta = float(delta)
+        self.c_start = float(c_start)
+        self.c_end = float(c_end)
+
+    def threshold_scale(self, iteration):
+        """`c_t`."""
+        fraction = ops.minimum(ops.cast(iteration, "float32") / float(self.total_steps), 1.0)
+        return self.c_start + (self.c_end - self.c_start) * fraction
+
+    def create_variables(self, optimizer) -> list:
+        """The statistics `[mu, sigma^2]`, as variables of `optimizer`."""
+        return [
+            optimizer.add_variable(shape=(), dtype="float32", initializer="zeros", name=name)
+            for name in ("ae_sam_mean", "ae_sam_variance")
+        ]
+
+    def decide(self, iteration, grad_norm, variables):
+        """Updates the statistics in `variables` with `||g||` and returns
+        whether this step runs the perturbed pass (a boolean tensor)."""
+        mean, variance = variables
+        n = ops.square(ops.cast(grad_norm, "float32"))
+        new_mean = self.delta * mean.value + (1.0 - self.delta) * n
+        new_variance = self.delta * variance.value + (1.0 - self.delta) * ops.square(n - new_mean)
+        mean.assign(new_mean)
+        variance.assign(new_variance)
+        return ops.greater_equal(n, new_mean + self.threshold_scale(iteration) * ops.sqrt(new_variance))
+
+    def get_config(self):
+        return {"total_steps": self.total_steps, "delta": self.delta, "c_start": self.c_start, "c_end": self.c_end}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple
 import keras
 from keras import ops, tree
 
-from keras_ssam import _kernels
+from keras_ssam import _kernels, sam_math
 from keras_ssam.backend import backend_module
 
 DIAGNOSTICS = (
@@ -119,7 +119,11 @@ def sam_step(
     """
     sam = model.sam_optimizer()
     step = _Step(model, sam, weights, clean_loss, gradient_at, data, replicas, batch_shards)
-    decision = sam.runs_perturbed_pass(sam.iterations)
+    grad_norm = None
+    if sam.decision_needs_gradient():
+        # Adaptive steps: the decision reads the clean gradient's norm.
+        grad_norm = sam_math.weighted_grad_norm(grads, None, grad_scale=step.loss_scale)
+    decision = sam.runs_perturbed_pass(sam.iterations, grad_norm)
     variables = sam.state_variables()
 
     def perturbed():
@@ -146,8 +150,78 @@ def sam_step(
     update, stats, decoupled = _run_with_state(decision, perturbed, skipped, variables, grads)
     if model.diagnostics:
         stats["sam_step_fraction"] = ops.cast(decision, "float32")
-    state = [ops.convert_to_tensor(v.value) for v in variables]
+    state = [ops.convert_to_tensor(v.value) for v in sam.own_variables()]
     return StepUpdate(update, stats, state, decoupled)
+
+
+def is_single_pass(model) -> bool:
+    """Whether `model`'s SAM optimizer takes its only gradient at a point
+    known before the step (Momentum-SAM, random weight perturbation): the
+    backend then runs one stateful pass at `single_pass_point`."""
+    return model.sam_optimizer().single_pass
+
+
+def single_pass_point(model, weights: list) -> tuple:
+    """`(w + e, direction_norm)` for a single-pass variant: the point of the
+    step's one pass, with `e` from `perturbation_before_gradient` (zero on a
+    step the schedule skips: no conditional is needed, the pass runs
+    anyway)."""
+    sam = model.sam_optimizer()
+    if model.num_batch_splits > 1:
+        raise NotImplementedError(
+            f"{type(sam).__name__} takes its perturbation from its state, not from "
+            "the batch, so num_batch_splits (m-sharpness) has no meaning for it. "
+            f"Received: num_batch_splits={model.num_batch_splits}."
+        )
+    if sam.decision_needs_gradient():
+        raise NotImplementedError(
+            f"{type(sam).__name__} takes its only gradient at the perturbed point, so a "
+            "step decision that reads the clean gradient (sam_probability="
+            f"{type(sam.sam_probability).__name__}) cannot be made before it."
+        )
+    perturbations, direction_norm = sam.perturbation_before_gradient(weights, mask=model._perturbed_mask())
+    decision = sam.runs_perturbed_pass(sam.iterations)
+    if decision is False:
+        return list(weights), direction_norm
+    if decision is not True:
+        perturbations = _kernels.scale_(perturbations, ops.cast(decision, "float32"))
+    return _kernels.add_(perturbations, weights), direction_norm
+
+
+def single_pass_step(model, grads: list, loss, direction_norm) -> StepUpdate:
+    """The update of a single-pass variant's step from the gradient `grads`
+    of its one pass at `single_pass_point` (the base optimizer applies it at
+    `w`), its new state and the diagnostics."""
+    sam = model.sam_optimizer()
+    grad_scale = loss_scale(model.optimizer)
+    variables = sam.state_variables()
+    state = sam.next_state(None, grads, None, grad_scale)
+    if state:
+        # A mixed-precision overflow (LossScaleOptimizer skips the update)
+        # must not leave a non-finite value in the state either.
+        finite = _all_finite(grads)
+        for variable, value in zip(variables, state):
+            variable.assign(ops.where(finite, value, variable.value))
+    stats = {}
+    if model.diagnostics:
+        grad_norm = sam_math.weighted_grad_norm(grads, None, grad_scale=grad_scale)
+        decision = sam.runs_perturbed_pass(sam.iterations)
+        stats = {
+            "grad_norm": ops.cast(direction_norm, "float32"),
+            "perturbed_grad_norm": grad_norm,
+            "renorm_factor": ops.ones((), "float32"),
+            # No clean loss is computed: not measured.
+            "sharpness": ops.cast(float("nan"), "float32"),
+            "clean_fallback": ops.zeros((), "float32"),
+            "sam_step_fraction": ops.cast(decision, "float32"),
+        }
+    update, decoupled = sam.split_update(grads, list(grads))
+    return StepUpdate(update, stats, [ops.convert_to_tensor(v.value) for v in sam.own_variables()], decoupled)
+
+
+def _all_finite(tensors):
+    present = [t for t in tensors if t is not None]
+    return ops.all(ops.stack([ops.all(ops.isfinite(t)) for t in present]))
 
 
 class _Step:

@@ -41,16 +41,25 @@ def train_step(model, state, data):
         (_, aux), grads = grad_fn(values, x, y, sample_weight, training)
         return aux[0], grads
 
-    # Clean pass at w: its state updates are the step's. With batch splits
-    # the chunks' gradients replace its gradient, which jit then prunes.
-    (_, (loss, y_pred, new_non_trainable, new_metrics)), grads = grad_fn(
-        trainable, x, y, sample_weight
-    )
-    with StatelessScope(state_mapping=optimizer_mapping):
-        result = step.sam_step(
-            model, grads, trainable, loss, gradient_at, (x, y, sample_weight),
-            batch_shards=_batch_shards(),
+    if step.is_single_pass(model):
+        # One pass at w + e (Momentum-SAM, random weight perturbation): its
+        # state updates are the step's.
+        with StatelessScope(state_mapping=optimizer_mapping):
+            point, direction_norm = step.single_pass_point(model, trainable)
+        (_, (loss, y_pred, new_non_trainable, new_metrics)), grads = grad_fn(point, x, y, sample_weight)
+        with StatelessScope(state_mapping=optimizer_mapping):
+            result = step.single_pass_step(model, grads, loss, direction_norm)
+    else:
+        # Clean pass at w: its state updates are the step's. With batch splits
+        # the chunks' gradients replace its gradient, which jit then prunes.
+        (_, (loss, y_pred, new_non_trainable, new_metrics)), grads = grad_fn(
+            trainable, x, y, sample_weight
         )
+        with StatelessScope(state_mapping=optimizer_mapping):
+            result = step.sam_step(
+                model, grads, trainable, loss, gradient_at, (x, y, sample_weight),
+                batch_shards=_batch_shards(),
+            )
     # The SAM optimizer's own variables come last (ForwardingOptimizer).
     own = len(result.state)
     if own:
@@ -75,6 +84,14 @@ def train_step(model, state, data):
 def test_step(model, state, data):
     logs, state = super(SAMModel, model).test_step(state, data)
     return (without_diagnostics(logs) if model.diagnostics else logs), state
+
+
+def stateless_normal(shape, seed, iteration):
+    """Standard normal float32 draws, a function of `(seed, iteration)` only."""
+    import jax.numpy as jnp
+
+    key = jnp.stack([jnp.asarray(seed, jnp.uint32), jnp.asarray(iteration).astype(jnp.uint32)])
+    return jax.random.normal(key, shape, dtype=jnp.float32)
 
 
 def _cond(pred, true_fn, false_fn):

@@ -43,6 +43,12 @@ def _replicas():
     return step.Replicas(context.num_replicas_in_sync, all_reduce)
 
 
+def stateless_normal(shape, seed, iteration):
+    """Standard normal float32 draws, a function of `(seed, iteration)` only."""
+    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(iteration, tf.int64)])
+    return tf.random.stateless_normal(shape, seed=key, dtype=tf.float32)
+
+
 def cond_with_state(pred, true_fn, false_fn, variables):
     """The step's conditional: the SAM optimizer's own variables are assigned
     inside the branch that changes them (a skipped step copies nothing)."""
@@ -67,11 +73,17 @@ def train_step(model, data):
         # Symbolic, so the built model runs no extra pass.
         model(tree.map_structure(lambda t: keras.KerasTensor(t.shape, t.dtype), x))
     trainable = model.trainable_variables
+    if not model.optimizer.built:
+        # Keras's TF trainer builds the optimizer in its first `apply`; the
+        # step reads the SAM optimizer's own variables (LookSAM) before.
+        model.optimizer.build(trainable)
     # Snapshot the pre-step state for the perturbed pass; automatic control
     # dependencies order these reads before the clean pass's assignments.
     non_trainable_before = [tf.identity(v.value) for v in model.non_trainable_variables]
     metrics_before = [tf.identity(v.value) for v in model.metrics_variables]
     weights = [tf.convert_to_tensor(v.value) for v in trainable]
+    if step.is_single_pass(model):
+        return _single_pass_step(model, x, y, sample_weight, trainable, weights, non_trainable_before, metrics_before)
 
     # Clean pass at w, stateful as in Keras's own train_step.
     with tf.GradientTape() as tape:
@@ -97,10 +109,6 @@ def train_step(model, data):
             scaled = model.optimizer.scale_loss(loss)
         return unscale_loss_for_distribution(loss), _dense(tape.gradient(scaled, values))
 
-    if not model.optimizer.built:
-        # Keras's TF trainer builds the optimizer in its first `apply`; the
-        # step reads the SAM optimizer's own variables (LookSAM) before.
-        model.optimizer.build(trainable)
     # Under tf.distribute this runs per replica, on gradients that are the
     # replica's share of the global one (losses carry 1 / replicas).
     replicas = _replicas()
@@ -112,6 +120,28 @@ def train_step(model, data):
         # Each replica holds a share of the decoupled term; every replica's
         # copy of the weights takes the sum.
         result = result._replace(decoupled=replicas.all_reduce(result.decoupled))
+    step.apply_update(model.optimizer, result, trainable)
+    if result.stats:
+        model.update_diagnostics(result.stats)
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _single_pass_step(model, x, y, sample_weight, trainable, weights, non_trainable_before, metrics_before):
+    """One stateful pass at w + e (Momentum-SAM, random weight perturbation):
+    its loss, metrics and state updates are the step's."""
+    point, direction_norm = step.single_pass_point(model, weights)
+    with tf.GradientTape() as tape:
+        tape.watch(point)
+        loss, y_pred, non_trainable, metrics = step.stateless_training_loss(
+            model, point, non_trainable_before, metrics_before, x, y, sample_weight
+        )
+        scaled = model.optimizer.scale_loss(loss)
+    grads = _dense(tape.gradient(scaled, point))
+    for variable, value in zip(model.non_trainable_variables + model.metrics_variables, non_trainable + metrics):
+        variable.assign(value)
+    batch = tf.shape(next(i for i in tree.flatten(x) if i is not None))[0]
+    model._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=batch)
+    result = step.single_pass_step(model, grads, loss, direction_norm)
     step.apply_update(model.optimizer, result, trainable)
     if result.stats:
         model.update_diagnostics(result.stats)

@@ -56,6 +56,15 @@ def constant(array):
     return entry[1]
 
 
+def stateless_normal(shape, seed, iteration):
+    """Standard normal float32 draws, a function of `(seed, iteration)` only
+    (a generator seeded from both: reading the iteration is a host read)."""
+    device = ops.zeros(()).device  # Keras's default device
+    generator = torch.Generator(device=device)
+    generator.manual_seed((int(seed) * 1_000_003 + int(iteration)) & 0xFFFFFFFFFFFF)
+    return torch.normal(0.0, 1.0, size=tuple(shape), generator=generator, device=device)
+
+
 def cond_with_state(pred, true_fn, false_fn, variables):
     """The step's conditional (a Python `if`): the SAM optimizer's own
     variables are assigned in the branch that changes them."""
@@ -74,6 +83,8 @@ def train_step(model, data):
         non_trainable_before = [v.value.clone() for v in model.non_trainable_variables]
     metrics_values = [v.value for v in model.metrics_variables]
     rng_before = _rng_state()
+    if step.is_single_pass(model):
+        return _single_pass_step(model, x, y, sample_weight, trainable, weights, non_trainable_before, metrics_values)
 
     # Clean pass at w, stateful as in Keras's own train_step.
     y_pred = model(x, training=True)
@@ -113,6 +124,30 @@ def train_step(model, data):
     finally:
         _set_rng_state(rng_after)
     with torch.no_grad():
+        step.apply_update(model.optimizer, result, trainable)
+        if result.stats:
+            model.update_diagnostics(result.stats)
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _single_pass_step(model, x, y, sample_weight, trainable, weights, non_trainable_before, metrics_values):
+    """One stateful pass at w + e (Momentum-SAM, random weight perturbation):
+    its loss, metrics and state updates are the step's (torch's generator
+    advances as in a plain pass)."""
+    with torch.no_grad():
+        point, direction_norm = step.single_pass_point(model, [w.detach() for w in weights])
+    point = [p.detach().requires_grad_(True) for p in point]
+    loss, y_pred, non_trainable, metrics = step.stateless_training_loss(
+        model, point, non_trainable_before, metrics_values, x, y, sample_weight
+    )
+    grads = torch.autograd.grad(model.optimizer.scale_loss(loss), point, allow_unused=True)
+    with torch.no_grad():
+        for variable, value in zip(model.non_trainable_variables + model.metrics_variables, non_trainable + metrics):
+            variable.assign(value)
+        model._loss_tracker.update_state(
+            loss.detach(), sample_weight=next(i for i in tree.flatten(x) if i is not None).shape[0]
+        )
+        result = step.single_pass_step(model, list(grads), loss.detach(), direction_norm)
         step.apply_update(model.optimizer, result, trainable)
         if result.stats:
             model.update_diagnostics(result.stats)
