@@ -85,6 +85,10 @@ class LookSAM(SAM):
         on_cycle = ops.equal(ops.mod(iteration, self.k), 0)
         return on_cycle if drawn is True else ops.logical_and(on_cycle, drawn)
 
+    def host_decision(self, iteration):
+        drawn = super().host_decision(iteration)
+        return drawn if drawn is None else bool(drawn and iteration % self.k == 0)
+
     def build_state(self, var_list):
         if not self._orthogonal:
             self._orthogonal = [

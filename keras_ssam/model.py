@@ -7,6 +7,7 @@ import copy
 import keras
 from keras import tree
 
+from keras_ssam import host_dispatch
 from keras_ssam._validation import check_bool, check_int
 from keras_ssam.backend import backend_module
 from keras_ssam.optimizers import find_sam_optimizer
@@ -82,6 +83,9 @@ class SAMModel(keras.Model):
     # How a step over batch chunks combines the chunks' updates: "mean"
     # (weighted by chunk size) or "sum" (tf.keras's SAM).
     batch_split_reduction = "mean"
+    # Set by host dispatch (keras_ssam.host_dispatch) while a step runs: the
+    # step's decision made on the host, which the step then takes as given.
+    forced_step_decision = None
 
     def __init__(
         self,
@@ -176,7 +180,23 @@ class SAMModel(keras.Model):
             description = sam.step_description()
             if description:
                 print(description)
-        return super().make_train_function(force=force)
+        if sam is None or not host_dispatch.applies(self, sam):
+            return super().make_train_function(force=force)
+        if isinstance(self.train_function, host_dispatch.HostDispatch) and not force:
+            self.train_function.resync()
+            return self.train_function
+        compiled = {}
+        for decision in (True, False):
+            # A distinct step function per decision: JAX's jit would share one
+            # trace between two jits of the same method.
+            self.train_step = host_dispatch.decided_step(self, decision)
+            try:
+                super().make_train_function(force=True)
+            finally:
+                del self.train_step
+            compiled[decision] = self.train_function
+        self.train_function = host_dispatch.HostDispatch(self, sam, compiled[True], compiled[False])
+        return self.train_function
 
     def train_step(self, *args):
         return backend_module("", "keras_ssam").train_step(self, *args)

@@ -194,6 +194,16 @@ class SAM(ForwardingOptimizer):
             return self.sam_probability.decide(iteration, grad_norm, self._decision_variables)
         return schedules.drawn(self.sam_probability, self.seed, iteration)
 
+    def host_decision(self, iteration: int) -> bool | None:
+        """`runs_perturbed_pass` at a Python int `iteration`, made on the
+        host, or `None` where the decision needs the device (the gradient:
+        `schedules.AdaptiveSteps`). It must agree with `runs_perturbed_pass`:
+        `SAMModel` then compiles a step with and one without the perturbed
+        pass and picks one per step (`keras_ssam.host_dispatch`)."""
+        if self.decision_needs_gradient():
+            return None
+        return schedules.host_drawn(self.sam_probability, self.seed, iteration)
+
     def perturbation(self, grads, weights, grad_scale=None, *, mask=None, overwrite_grads=False):
         """The ascent step `e` for each weight, and `||T g||`.
 

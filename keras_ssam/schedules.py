@@ -89,6 +89,26 @@ def probability_at(sam_probability, iteration):
     return ops.cast(sam_probability(ops.cast(iteration, "float32")), "float32")
 
 
+def host_drawn(sam_probability, seed: int, iteration: int) -> bool:
+    """`drawn` at a Python int `iteration`, computed on the host, in the same
+    float32 arithmetic as the step's."""
+    if isinstance(sam_probability, numbers.Real):
+        if sam_probability >= 1:
+            return True
+        if sam_probability <= 0:
+            return False
+        probability = np.float32(sam_probability)
+    elif hasattr(sam_probability, "host_probability"):
+        probability = np.float32(sam_probability.host_probability(iteration))
+    else:
+        probability = np.float32(ops.convert_to_numpy(sam_probability(float(iteration))))
+    if probability >= 1:
+        return True
+    if probability <= 0:
+        return False
+    return bool(sam_step_draws(seed, iteration) < probability)
+
+
 def drawn(sam_probability, seed: int, iteration):
     """Whether the step at `iteration` runs the perturbed pass under
     `sam_probability`: `True` or `False` when that is known when tracing
@@ -137,6 +157,9 @@ class EveryK:
     def __call__(self, iteration):
         return ops.cast(ops.equal(ops.mod(ops.cast(iteration, "int32"), self.k), self.offset), "float32")
 
+    def host_probability(self, iteration: int) -> float:
+        return float(iteration % self.k == self.offset)
+
     def get_config(self):
         return {"k": self.k, "offset": self.offset}
 
@@ -170,6 +193,9 @@ class LatePhase:
 
     def __call__(self, iteration):
         return ops.cast(ops.greater_equal(ops.cast(iteration, "float32"), float(self.start_step)), "float32")
+
+    def host_probability(self, iteration: int) -> float:
+        return float(iteration >= self.start_step)
 
     def get_config(self):
         return {"start_step": self.start_step}

@@ -123,7 +123,9 @@ def sam_step(
     if sam.decision_needs_gradient():
         # Adaptive steps: the decision reads the clean gradient's norm.
         grad_norm = sam_math.weighted_grad_norm(grads, None, grad_scale=step.loss_scale)
-    decision = sam.runs_perturbed_pass(sam.iterations, grad_norm)
+    decision = model.forced_step_decision
+    if decision is None:
+        decision = sam.runs_perturbed_pass(sam.iterations, grad_norm)
     variables = sam.state_variables()
 
     def perturbed():
@@ -180,7 +182,9 @@ def single_pass_point(model, weights: list) -> tuple:
             f"{type(sam.sam_probability).__name__}) cannot be made before it."
         )
     perturbations, direction_norm = sam.perturbation_before_gradient(weights, mask=model._perturbed_mask())
-    decision = sam.runs_perturbed_pass(sam.iterations)
+    decision = model.forced_step_decision
+    if decision is None:
+        decision = sam.runs_perturbed_pass(sam.iterations)
     if decision is False:
         return list(weights), direction_norm
     if decision is not True:
@@ -205,7 +209,9 @@ def single_pass_step(model, grads: list, loss, direction_norm) -> StepUpdate:
     stats = {}
     if model.diagnostics:
         grad_norm = sam_math.weighted_grad_norm(grads, None, grad_scale=grad_scale)
-        decision = sam.runs_perturbed_pass(sam.iterations)
+        decision = model.forced_step_decision
+        if decision is None:
+            decision = sam.runs_perturbed_pass(sam.iterations)
         stats = {
             "grad_norm": ops.cast(direction_norm, "float32"),
             "perturbed_grad_norm": grad_norm,

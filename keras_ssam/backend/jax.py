@@ -107,3 +107,11 @@ def cond_with_state(pred, true_fn, false_fn, variables):
     """The step's conditional: the new state flows out of `lax.cond` and is
     assigned (in the step's StatelessScope) after it."""
     return step.portable_cond_with_state(pred, true_fn, false_fn, variables, cond=_cond)
+
+
+def host_iteration(model, state, *args):
+    """The optimizer's `iterations` from the step's state (during `fit` the
+    variables hold no value)."""
+    variables = model.optimizer.variables
+    index = next(i for i, v in enumerate(variables) if v is model.optimizer.iterations)
+    return int(state[2][index])
