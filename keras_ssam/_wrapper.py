@@ -17,7 +17,9 @@ class ForwardingOptimizer(keras.optimizers.Optimizer):
 
     Keras finds the wrapped optimizer where it looks for a
     `LossScaleOptimizer`'s: `inner_optimizer` (the callbacks
-    `SwapEMAWeights` and `TensorBoard`). `learning_rate` is the base
+    `SwapEMAWeights` and `TensorBoard`); under a `LossScaleOptimizer`,
+    `SwapEMAWeights` stops at this wrapper, which lends it the base
+    optimizer's EMA variables. `learning_rate` is the base
     optimizer's and settable (`LearningRateScheduler`, `ReduceLROnPlateau`);
     `iterations` is the base optimizer's counter.
 
@@ -74,7 +76,23 @@ class ForwardingOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list):
         self.base_optimizer.build(var_list)
         self.build_state(var_list)
-        self.built = True
+        # As LossScaleOptimizer: Keras's own `build` records the trainable
+        # variables (`_trainable_variables`), so that a callback that takes
+        # this optimizer for the EMA owner (SwapEMAWeights under a
+        # LossScaleOptimizer) pairs them with the averages below. The
+        # wrapper's own `use_ema` is False: it creates no variables.
+        super().build(var_list)
+
+    @property
+    def _model_variables_moving_average(self):
+        # The base optimizer's EMA of the weights (`use_ema=True`), for
+        # SwapEMAWeights when it finds this optimizer as a
+        # LossScaleOptimizer's `inner_optimizer` (it unwraps one level
+        # only). Absent, like on any optimizer, when the base has no EMA.
+        base = self.__dict__.get("base_optimizer")
+        if base is None or not hasattr(base, "_model_variables_moving_average"):
+            raise AttributeError("_model_variables_moving_average")
+        return base._model_variables_moving_average
 
     # -- The update is the base optimizer's. --
 
