@@ -77,6 +77,7 @@ try:
     from keras_ssam.random_sam import RandomSAM
     from keras_ssam.schedules import sam_step_draws
     from keras_ssam.step import StepUpdate
+    from keras_ssam.tf_keras import SharpnessAwareMinimization
     from keras_ssam.wsam import WSAM
 except ModuleNotFoundError as _err:
     _friendly = _missing_backend_error(_err)
@@ -95,6 +96,7 @@ __all__ = [
     "SAM",
     "SSAM",
     "SAMModel",
+    "SharpnessAwareMinimization",
     "StepUpdate",
     "USAM",
     "WSAM",
