@@ -7,7 +7,7 @@ import copy
 import keras
 from keras import tree
 
-from keras_ssam import host_dispatch
+from keras_ssam import host_dispatch, step
 from keras_ssam._validation import check_bool, check_int
 from keras_ssam.backend import backend_module
 from keras_ssam.optimizers import find_sam_optimizer
@@ -40,8 +40,14 @@ class SAMModel(keras.Model):
             used in gamma), `renorm_factor` (SSAM's gamma; 1.0 when not
             stable), `sharpness` (batch loss at `w + e` minus batch loss at
             `w`) and `clean_fallback` (the fraction of steps whose perturbed
-            gradient vanished and that took the clean gradient instead). Off
-            by default, and then no diagnostic is logged.
+            gradient vanished and that took the clean gradient instead), all
+            means over the steps that ran the perturbed pass (NaN for an
+            epoch without one), and `sam_step_fraction` (the fraction of
+            steps that did). Off by default, and then no diagnostic is
+            logged. Single-pass variants (MomentumSAM, RandomSAM) log
+            `grad_norm` as the norm of their direction (`||v||`, `||eps||`),
+            `perturbed_grad_norm` as the norm of the step's one gradient, and
+            `sharpness` as NaN (no clean loss is computed).
         num_batch_splits: m-sharpness (Foret et al. 2021, sec. 4.1): split each
             batch into this many chunks, each with its own `g`, `e`, `g_asc`
             (and gamma); the update gradient is the chunks' update gradients
@@ -120,7 +126,9 @@ class SAMModel(keras.Model):
         self.num_batch_splits = int(num_batch_splits)
         self.perturbation_scope = perturbation_scope
         self._diagnostic_metrics = (
-            [keras.metrics.Mean(name=n) for n in DIAGNOSTICS] if diagnostics else []
+            [keras.metrics.Mean(name=n) if n == "sam_step_fraction" else _MeanOverSAMSteps(name=n)
+             for n in DIAGNOSTICS]
+            if diagnostics else []
         )
         if hasattr(model, "output_names"):
             self.output_names = model.output_names
@@ -176,6 +184,8 @@ class SAMModel(keras.Model):
         sam = find_sam_optimizer(getattr(self, "_compiled_optimizer", None))
         if self.built and sam is not None:
             self._perturbed_mask()
+        if sam is not None:
+            step.check_supported(self)
         if sam is not None and self.diagnostics and (self.train_function is None or force):
             description = sam.step_description()
             if description:
@@ -249,6 +259,15 @@ class SAMModel(keras.Model):
             config["model"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+class _MeanOverSAMSteps(keras.metrics.Mean):
+    """The mean of a diagnostic over the steps that ran the perturbed pass;
+    NaN for an epoch without one (not measured, rather than a misleading 0)."""
+
+    def result(self):
+        count = keras.ops.cast(self.count, self.dtype)
+        return keras.ops.where(count > 0, self.total / keras.ops.maximum(count, 1.0), float("nan"))
 
 
 def without_diagnostics(logs: dict) -> dict:

@@ -163,24 +163,42 @@ def is_single_pass(model) -> bool:
     return model.sam_optimizer().single_pass
 
 
+def check_supported(model) -> None:
+    """Raises for a combination of `model`'s options and its SAM optimizer
+    that the step cannot run, before the step runs (on JAX `fit` moves the
+    weights into the step's state first)."""
+    sam = model.sam_optimizer()
+    if sam.single_pass:
+        if model.num_batch_splits > 1:
+            raise NotImplementedError(
+                f"{type(sam).__name__} takes its perturbation from its state, not from "
+                "the batch, so num_batch_splits (m-sharpness) has no meaning for it. "
+                f"Received: num_batch_splits={model.num_batch_splits}."
+            )
+        if sam.decision_needs_gradient():
+            raise NotImplementedError(
+                f"{type(sam).__name__} takes its only gradient at the perturbed point, so a "
+                "step decision that reads the clean gradient (sam_probability="
+                f"{type(sam.sam_probability).__name__}) cannot be made before it."
+            )
+    # (Replicas and shards are known in the step: it checks them there.)
+    if sam.state_variables() and model.num_batch_splits > 1 and not sam.state_averages_over_chunks:
+        raise NotImplementedError(
+            f"{type(sam).__name__} keeps a direction between steps and "
+            "supports neither num_batch_splits > 1, the local perturbation "
+            "scope over several shards, nor tf.distribute with several "
+            f"replicas yet. Received: num_batch_splits={model.num_batch_splits}, "
+            f"perturbation_scope={model.perturbation_scope!r}."
+        )
+
+
 def single_pass_point(model, weights: list) -> tuple:
     """`(w + e, direction_norm)` for a single-pass variant: the point of the
     step's one pass, with `e` from `perturbation_before_gradient` (zero on a
     step the schedule skips: no conditional is needed, the pass runs
     anyway)."""
     sam = model.sam_optimizer()
-    if model.num_batch_splits > 1:
-        raise NotImplementedError(
-            f"{type(sam).__name__} takes its perturbation from its state, not from "
-            "the batch, so num_batch_splits (m-sharpness) has no meaning for it. "
-            f"Received: num_batch_splits={model.num_batch_splits}."
-        )
-    if sam.decision_needs_gradient():
-        raise NotImplementedError(
-            f"{type(sam).__name__} takes its only gradient at the perturbed point, so a "
-            "step decision that reads the clean gradient (sam_probability="
-            f"{type(sam.sam_probability).__name__}) cannot be made before it."
-        )
+    check_supported(model)
     perturbations, direction_norm = sam.perturbation_before_gradient(weights, mask=model._perturbed_mask())
     decision = model.forced_step_decision
     if decision is None:
@@ -253,7 +271,8 @@ class _Step:
                 self.grad_scale = scale / replicas.count
             else:
                 self.reduce = replicas.all_reduce
-        self.splits = model.num_batch_splits * (batch_shards if local else 1)
+        self.shards = batch_shards if local else 1
+        self.splits = model.num_batch_splits * self.shards
         chunked = self.splits > 1 and not sam.state_averages_over_chunks
         if sam.state_variables() and (chunked or replicas.count > 1):
             raise NotImplementedError(
@@ -275,7 +294,9 @@ class _Step:
         total = None
         for chunk, weight in split_batch(self.data, self.splits):
             if self.sum_chunks:
-                weight = 1.0
+                # tf.keras's SAM sums the splits of a batch; data-parallel
+                # shards of the global batch are still averaged.
+                weight = 1.0 / self.shards
             chunk_loss, chunk_grads = self.gradient_at(self.weights, *chunk, training=self.ascent_training)
             result = tree.map_structure(
                 lambda v: None if v is None else _weighted(v, weight),

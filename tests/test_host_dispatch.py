@@ -35,7 +35,9 @@ def _data(seed=0):
 
 def _model(optimizer, diagnostics=True, **compile_kwargs):
     keras.utils.set_random_seed(7)
-    inner = keras.Sequential([keras.Input((D_IN,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(D_OUT)])
+    inner = keras.Sequential(
+        [keras.Input((D_IN,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(D_OUT)]
+    )
     model = keras_ssam.SAMModel(inner, diagnostics=diagnostics)
     model.compile(optimizer=optimizer, loss="mse", **compile_kwargs)
     return model

@@ -24,8 +24,8 @@ hand, `reference.TanhMLP`; Keras SGD and Adam spelled out):
 7. model.save / load_model mid-training resumes exactly (the base momentum,
    the own average, ARWP's F, AdaptiveSteps' statistics).
 8. Bad arguments; refused combinations (num_batch_splits, AdaptiveSteps on a
-   single-pass variant), which should leave the model intact (xfail on JAX:
-   a keras_ssam bug, see the test).
+   single-pass variant), which leave the model intact (raised before the
+   step: on JAX `fit` has moved the weights into the step's state by then).
 9. get_config / from_config round trips.
 10. mixed_float16: finite, no step skipped, within float16 rounding of the
     reference that the float32 runs match.
@@ -866,14 +866,6 @@ def test_refused_combinations():
         assert all(word in message for word in words), (words, message)
 
 
-@pytest.mark.xfail(
-    BACKEND == "jax", strict=True,
-    reason="keras_ssam bug: the single-pass refusals (num_batch_splits, AdaptiveSteps) are raised inside the "
-    "traced step (step.single_pass_point), after Keras's JAX fit moved the variables into the step's state, "
-    "so the model is left without weight values; the refusals of perturb= and of a SAM optimizer in a plain "
-    "model are raised before (make_train_function / variables) and leave it intact (test_perturb.py, "
-    "test_validation.py)",
-)
 def test_refusals_leave_the_model_intact():
     """After each refusal above the model is as before: the same weights,
     and predict runs (the contract the other configuration errors keep,

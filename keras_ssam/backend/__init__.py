@@ -8,15 +8,14 @@ one) its faster forms of `keras_ssam._kernels`. `backend_module` picks the one f
 backend Keras runs on.
 """
 
-import functools
 import importlib
+import sys
 
 import keras
 
 SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 
 
-@functools.cache
 def backend_module(suffix, feature):
     """`keras_ssam.backend.<backend><suffix>` for Keras's backend; `feature`
     names what needs it in the error for an unsupported backend."""
@@ -26,10 +25,12 @@ def backend_module(suffix, feature):
             f"{feature} supports the tensorflow, jax and torch backends; "
             f"KERAS_BACKEND is {name!r}."
         )
-    return importlib.import_module(f"keras_ssam.backend.{name}{suffix}")
+    # The import system's own cache (no functools cache: the torch step calls
+    # this, and torch.compile warns on every traced functools.lru_cache call).
+    module = sys.modules.get(f"keras_ssam.backend.{name}{suffix}")
+    return module if module is not None else importlib.import_module(f"keras_ssam.backend.{name}{suffix}")
 
 
-@functools.cache
 def backend_kernels():
     """`keras_ssam.backend.<backend>_kernels` (the backend's own kernels for
     `keras_ssam._kernels`), or `None` where the backend has none."""
