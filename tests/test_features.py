@@ -903,3 +903,19 @@ def test_num_batch_splits_partial_last_batch_in_fit(variant):
     _assert_params_close(_weights(inner), want)
     assert np.all(np.isfinite(history["loss"]))
     assert int(_np(model.optimizer.iterations)) == 6
+
+
+def test_diagnostics_are_nan_for_an_epoch_without_a_sam_step():
+    """An epoch in which no step ran the perturbed pass logs NaN (not
+    measured) for the per-SAM-step diagnostics, and 0 for
+    `sam_step_fraction`; the next epoch, all SAM steps, logs finite values
+    and fraction 1."""
+    x, y, params = _problem(n=8, d_in=3, d_out=2, seed=41)
+    late = keras_ssam.schedules.LatePhase(4)  # batches of 2: epoch 1 is steps 0-3
+    model, _ = _sam_model(params, keras_ssam.SAM(keras.optimizers.SGD(0.1), rho=0.1, sam_probability=late),
+                          diagnostics=True)
+    hist = _fit(model, x, y, batch_size=2, epochs=2)
+    assert hist["sam_step_fraction"] == [0.0, 1.0]
+    for key in DIAGNOSTICS:
+        assert np.isnan(hist[key][0]), (key, hist[key])
+        assert np.isfinite(hist[key][1]), (key, hist[key])
