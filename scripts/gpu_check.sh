@@ -68,10 +68,11 @@ if ((${#no_gpu[@]})); then
     exit 1
 fi
 
-echo "== 2/3 tests (train steps, mixed precision, state, saving, kernels)"
+echo "== 2/3 tests (train steps, mixed precision, state, saving, kernels, host dispatch and device reads)"
 "$PYTHON" scripts/test_all_backends.py --backends "$BACKENDS" \
     tests/test_reference.py tests/test_features.py tests/test_state.py tests/test_kernels.py \
-    tests/test_losses.py tests/test_save_load.py -k "not distributed" -q
+    tests/test_losses.py tests/test_save_load.py tests/test_host_dispatch.py tests/test_plain_cost.py \
+    -k "not distributed" -q
 
 echo "== 3/3 benchmark (short: 3 repetitions of 10 steps) -> $OUT_DIR"
 mkdir -p "$OUT_DIR"

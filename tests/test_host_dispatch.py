@@ -329,3 +329,35 @@ def _refuse(name, reads):
         raise RuntimeError(f"device read: Tensor.{name} in the step")
 
     return method
+
+
+def _jax_on_gpu():
+    if BACKEND != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() != "cpu"
+
+
+@pytest.mark.skipif(not _jax_on_gpu(), reason="needs JAX on a GPU: on the CPU host and device memory are one, "
+                    "and jax.transfer_guard does not fire (scripts/gpu_check.sh runs this)")
+def test_jax_gpu_step_transfers_nothing_to_the_host():
+    """Each host-dispatched LookSAM step runs under
+    `jax.transfer_guard_device_to_host("disallow")`."""
+    import jax
+
+    x, y = _data()
+    model = _model(CASES["LookSAM k=3"][0](), diagnostics=False)
+    model.fit(x[:8], y[:8], batch_size=BATCH, epochs=1, verbose=0)
+    dispatch = model.train_function
+    assert isinstance(dispatch, host_dispatch.HostDispatch)
+
+    def guarded(fn):
+        def run(*args):
+            with jax.transfer_guard_device_to_host("disallow"):
+                return fn(*args)
+
+        return run
+
+    dispatch.functions = {k: guarded(f) for k, f in dispatch.functions.items()}
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
