@@ -85,7 +85,7 @@ except ModuleNotFoundError as _err:
         raise
     raise _friendly from _err
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "FriendlySAM",
