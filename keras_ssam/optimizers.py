@@ -133,6 +133,12 @@ class SAM(ForwardingOptimizer):
             )
         schedules.check_sam_probability(sam_probability)
         check_perturb(perturb)
+        if perturb == "merged_lora" and not self.perturbs_merged_lora:
+            raise ValueError(
+                "Argument `perturb='merged_lora'` is random weight perturbation of the merged "
+                "LoRA weights (Flat-LoRA): use keras_ssam.RandomSAM(..., perturb='merged_lora'). "
+                f"Received: perturb={perturb!r} for {type(self).__name__}"
+            )
         if seed is not None:
             check_int("seed", seed, 0)
         check_bool("normalize", normalize)
@@ -306,6 +312,22 @@ class SAM(ForwardingOptimizer):
     # known before any gradient (`perturbation_before_gradient`): Momentum-SAM,
     # random weight perturbation. That pass is stateful, as Keras's own step.
     single_pass = False
+
+    def check_model(self, model) -> None:
+        """Raises if this optimizer cannot train `model` (called by
+        `SAMModel` before the first step, while the weights are intact)."""
+
+    # Whether `perturb="merged_lora"` (noise on frozen LoRA kernels, through
+    # `non_trainable_perturbation`) is supported.
+    perturbs_merged_lora = False
+
+    def non_trainable_perturbation(self, model, weights, non_trainable_weights):
+        """A single-pass variant's perturbation of `model`'s non-trainable
+        weights (values in `non_trainable_weights`, in the order of
+        `model.non_trainable_variables`; `None`: unperturbed), or `None`:
+        none (the default). RandomSAM's Flat-LoRA noise on merged LoRA
+        weights goes through the frozen kernels."""
+        return None
 
     def perturbation_before_gradient(self, weights, *, mask=None):
         """A single-pass variant's `e` per weight (`None`: not perturbed),

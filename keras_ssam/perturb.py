@@ -6,6 +6,10 @@ Presets:
   "norm_only": only the weights of normalization layers (SAM-ON: Mueller et
                al., "Normalization Layers Are All That Sharpness-Aware
                Minimization Needs", NeurIPS 2023).
+  "merged_lora": RandomSAM only (Flat-LoRA: Li et al., "Flat-LoRA: Low-Rank
+               Adaptation over a Flat Loss Landscape", ICML 2025): the noise
+               goes on each LoRA layer's merged weight `W + s A B`, through
+               its frozen `W`; no trainable weight is perturbed itself.
 
 A normalization layer is an instance of one of Keras's normalization layers
 (`BatchNormalization`, `LayerNormalization`, `GroupNormalization`,
@@ -22,7 +26,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-PRESETS = ("all", "no_norm", "norm_only")
+PRESETS = ("all", "no_norm", "norm_only", "merged_lora")
 
 
 def check_perturb(perturb) -> None:
@@ -76,6 +80,26 @@ def _layers(model):
     return found
 
 
+def lora_layers(model: keras.Model) -> list:
+    """`(frozen_kernel, lora_kernel_a, lora_kernel_b, scale)` for each layer
+    of `model` with LoRA enabled (Keras's `Dense` and `EinsumDense` after
+    `enable_lora(rank)`), whose merged kernel is
+    `frozen_kernel + scale * lora_kernel_a @ lora_kernel_b`, with
+    `scale = lora_alpha / lora_rank`."""
+    found = []
+    for layer in _layers(model):
+        if not getattr(layer, "lora_enabled", False):
+            continue
+        frozen = [v for v in layer.non_trainable_weights if v.name == "kernel"]
+        if len(frozen) != 1:
+            raise ValueError(
+                f"perturb='merged_lora': LoRA layer {layer.name!r} has no single frozen "
+                f"'kernel' weight (found {[v.path for v in layer.non_trainable_weights]})."
+            )
+        found.append((frozen[0], layer.lora_kernel_a, layer.lora_kernel_b, layer.lora_alpha / layer.lora_rank))
+    return found
+
+
 def perturbed_mask(perturb, variables: list, model: keras.Model) -> list | None:
     """A bool per variable of `variables` (True: perturbed), or `None` when
     every variable is.
@@ -86,6 +110,10 @@ def perturbed_mask(perturb, variables: list, model: keras.Model) -> list | None:
     """
     if perturb == "all":
         return None
+    if perturb == "merged_lora":
+        # Flat-LoRA: no trainable weight is perturbed itself; RandomSAM
+        # perturbs the merged weights W + BA (`lora_layers`).
+        return [False] * len(variables)
     if callable(perturb) and not isinstance(perturb, str):
         mask = []
         for v in variables:

@@ -12,6 +12,7 @@ import random
 import keras
 from keras import ops
 
+from keras_ssam import perturb as perturb_module
 from keras_ssam import sam_math
 from keras_ssam._validation import check_bool, check_number
 from keras_ssam.backend import backend_module
@@ -45,7 +46,12 @@ class RandomSAM(SAM):
     The noise of step `t` is drawn from `(seed, t)` alone, so it is
     reproducible, identical on every replica and after a resume, and never
     stored. `perturb=` selects the perturbed weights as on every SAM
-    optimizer; `sam_probability` skips the noise on some steps.
+    optimizer, and `perturb="merged_lora"` is Flat-LoRA (Li et al., ICML
+    2025): after `enable_lora(rank)`, the noise goes on each LoRA layer's
+    merged weight `W + (alpha / rank) A B`, scaled by its norms, through the
+    frozen `W` (the factors `A`, `B` are trained at the noisy merged
+    weight; nothing weight-sized is kept). `sam_probability` skips the
+    noise on some steps.
 
     Args:
         base_optimizer: the Keras optimizer that makes the update.
@@ -64,6 +70,8 @@ class RandomSAM(SAM):
     optimizer = keras_ssam.RandomSAM(keras.optimizers.SGD(0.05, momentum=0.9), sigma=0.01)
     ```
     """
+
+    perturbs_merged_lora = True
 
     def __init__(
         self,
@@ -94,6 +102,12 @@ class RandomSAM(SAM):
             raise ValueError(
                 "Arguments `eta` and `beta` only apply to the adaptive noise (ARWP); set "
                 f"adaptive=True or leave them. Received: eta={eta!r}, beta={beta!r}, adaptive={adaptive!r}"
+            )
+        if perturb == "merged_lora" and (mix is not None or adaptive):
+            raise ValueError(
+                "Argument `perturb='merged_lora'` (Flat-LoRA) takes one pass per step without "
+                f"the adaptive noise: use mix=None and adaptive=False. Received: mix={mix!r}, "
+                f"adaptive={adaptive!r}"
             )
         if seed is None:
             # As keras.random.SeedGenerator: from Python's `random`, which
@@ -139,8 +153,39 @@ class RandomSAM(SAM):
         return [None if e is None else ops.cast(e, ops.dtype(w)) for e, w in zip(noise, weights)]
 
     def perturbation_before_gradient(self, weights, *, mask=None):
+        if self.perturb == "merged_lora":
+            return [None] * len(weights), ops.zeros((), "float32")  # see non_trainable_perturbation
         noise = self._noise(weights, mask)
         return noise, sam_math.global_norm(noise)
+
+    def check_model(self, model):
+        if self.perturb == "merged_lora" and not perturb_module.lora_layers(model):
+            raise ValueError(
+                "Argument `perturb='merged_lora'` needs LoRA layers (`layer.enable_lora(rank)` on "
+                f"Dense / EinsumDense layers); model {model.name!r} has none."
+            )
+
+    def non_trainable_perturbation(self, model, weights, non_trainable_weights):
+        """Flat-LoRA (`perturb="merged_lora"`): filter-wise noise on each LoRA
+        layer's merged kernel `W + s A B`, scaled by the merged kernel's
+        norms, added through the frozen `W` (Li et al., "Flat-LoRA: Low-Rank
+        Adaptation over a Flat Loss Landscape", ICML 2025). Drawn from
+        `(seed, iteration)` like the rest: nothing weight-sized is kept."""
+        if self.perturb != "merged_lora":
+            return None
+        layers = perturb_module.lora_layers(model)
+        trainable = {id(v): i for i, v in enumerate(model.trainable_variables)}
+        frozen = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+        merged = []
+        for kernel, a, b, scale in layers:
+            w = non_trainable_weights[frozen[id(kernel)]]
+            product = ops.matmul(weights[trainable[id(a)]], weights[trainable[id(b)]])
+            merged.append(ops.cast(w, "float32") + scale * ops.cast(product, "float32"))
+        noise = sam_math.filter_wise_noise(merged, self.draw_noise(merged), self.current_rho())
+        offsets = [None] * len(non_trainable_weights)
+        for (kernel, _, _, _), e in zip(layers, noise):
+            offsets[frozen[id(kernel)]] = e
+        return offsets
 
     def perturbation(self, grads, weights, grad_scale=None, *, mask=None, overwrite_grads=False):
         # m-RWP: the noise does not depend on the gradient; the clean norm is

@@ -168,6 +168,7 @@ def check_supported(model) -> None:
     that the step cannot run, before the step runs (on JAX `fit` moves the
     weights into the step's state first)."""
     sam = model.sam_optimizer()
+    sam.check_model(model)
     if sam.single_pass:
         if model.num_batch_splits > 1:
             raise NotImplementedError(
@@ -192,22 +193,56 @@ def check_supported(model) -> None:
         )
 
 
-def single_pass_point(model, weights: list) -> tuple:
-    """`(w + e, direction_norm)` for a single-pass variant: the point of the
-    step's one pass, with `e` from `perturbation_before_gradient` (zero on a
-    step the schedule skips: no conditional is needed, the pass runs
-    anyway)."""
+class SinglePassPoint(NamedTuple):
+    """Where a single-pass variant's step takes its one pass.
+
+    Attributes:
+        trainable: `w + e`, per trainable weight.
+        non_trainable: the non-trainable values of the pass (perturbed where
+            the variant perturbs them: Flat-LoRA's frozen kernels).
+        direction_norm: the diagnostics' `grad_norm`.
+        perturbed_non_trainable: a bool per non-trainable weight: its value
+            after the pass must be set back to the pre-step one.
+    """
+
+    trainable: list
+    non_trainable: list
+    direction_norm: Any
+    perturbed_non_trainable: list
+
+
+def single_pass_point(model, weights: list, non_trainable_weights: list) -> SinglePassPoint:
+    """The point of a single-pass variant's one pass: `w + e`, with `e` from
+    `perturbation_before_gradient` (zero on a step the schedule skips: no
+    conditional is needed, the pass runs anyway), and the non-trainable
+    values, perturbed where `non_trainable_perturbation` says so."""
     sam = model.sam_optimizer()
     check_supported(model)
     perturbations, direction_norm = sam.perturbation_before_gradient(weights, mask=model._perturbed_mask())
+    offsets = sam.non_trainable_perturbation(model, weights, non_trainable_weights)
     decision = model.forced_step_decision
     if decision is None:
         decision = sam.runs_perturbed_pass(sam.iterations)
+    perturbed = [o is not None for o in offsets] if offsets else [False] * len(non_trainable_weights)
     if decision is False:
-        return list(weights), direction_norm
+        return SinglePassPoint(list(weights), list(non_trainable_weights), direction_norm, [False] * len(perturbed))
     if decision is not True:
         perturbations = _kernels.scale_(perturbations, ops.cast(decision, "float32"))
-    return _kernels.add_(perturbations, weights), direction_norm
+        offsets = offsets and _kernels.scale(offsets, ops.cast(decision, "float32"))
+    non_trainable = list(non_trainable_weights)
+    if offsets:
+        non_trainable = [v if o is None else v + ops.cast(o, ops.dtype(v)) for v, o in zip(non_trainable, offsets)]
+    return SinglePassPoint(_kernels.add_(perturbations, weights), non_trainable, direction_norm, perturbed)
+
+
+def unperturbed(new_non_trainable: list, non_trainable_before: list, point: SinglePassPoint) -> list:
+    """The non-trainable values after a single pass, with the weights the
+    pass perturbed set back to their pre-step values (a frozen LoRA kernel
+    must not keep the noise)."""
+    return [
+        before if perturbed else new
+        for new, before, perturbed in zip(new_non_trainable, non_trainable_before, point.perturbed_non_trainable)
+    ]
 
 
 def single_pass_step(model, grads: list, loss, direction_norm) -> StepUpdate:

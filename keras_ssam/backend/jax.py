@@ -25,11 +25,12 @@ def train_step(model, state, data):
     optimizer_variables = model.optimizer.variables
     optimizer_mapping = list(zip(optimizer_variables, optimizer_values))
 
-    def scaled_loss(values, x, y, sample_weight, training=True):
-        # Always from the pre-step state: the perturbed pass sees the clean
-        # pass's dropout noise and BatchNorm statistics.
+    def scaled_loss(values, x, y, sample_weight, training=True, non_trainable_values=None):
+        # From the pre-step state: the perturbed pass sees the clean pass's
+        # dropout noise and BatchNorm statistics.
         loss, y_pred, new_non_trainable, new_metrics = step.stateless_training_loss(
-            model, values, non_trainable, metrics_values, x, y, sample_weight, training
+            model, values, non_trainable if non_trainable_values is None else non_trainable_values,
+            metrics_values, x, y, sample_weight, training,
         )
         with StatelessScope(state_mapping=optimizer_mapping):
             scaled = model.optimizer.scale_loss(loss)
@@ -45,10 +46,13 @@ def train_step(model, state, data):
         # One pass at w + e (Momentum-SAM, random weight perturbation): its
         # state updates are the step's.
         with StatelessScope(state_mapping=optimizer_mapping):
-            point, direction_norm = step.single_pass_point(model, trainable)
-        (_, (loss, y_pred, new_non_trainable, new_metrics)), grads = grad_fn(point, x, y, sample_weight)
+            point = step.single_pass_point(model, trainable, non_trainable)
+        (_, (loss, y_pred, new_non_trainable, new_metrics)), grads = grad_fn(
+            point.trainable, x, y, sample_weight, True, point.non_trainable
+        )
+        new_non_trainable = step.unperturbed(new_non_trainable, non_trainable, point)
         with StatelessScope(state_mapping=optimizer_mapping):
-            result = step.single_pass_step(model, grads, loss, direction_norm)
+            result = step.single_pass_step(model, grads, loss, point.direction_norm)
     else:
         # Clean pass at w: its state updates are the step's. With batch splits
         # the chunks' gradients replace its gradient, which jit then prunes.

@@ -129,19 +129,20 @@ def train_step(model, data):
 def _single_pass_step(model, x, y, sample_weight, trainable, weights, non_trainable_before, metrics_before):
     """One stateful pass at w + e (Momentum-SAM, random weight perturbation):
     its loss, metrics and state updates are the step's."""
-    point, direction_norm = step.single_pass_point(model, weights)
+    point = step.single_pass_point(model, weights, non_trainable_before)
     with tf.GradientTape() as tape:
-        tape.watch(point)
+        tape.watch(point.trainable)
         loss, y_pred, non_trainable, metrics = step.stateless_training_loss(
-            model, point, non_trainable_before, metrics_before, x, y, sample_weight
+            model, point.trainable, point.non_trainable, metrics_before, x, y, sample_weight
         )
         scaled = model.optimizer.scale_loss(loss)
-    grads = _dense(tape.gradient(scaled, point))
+    grads = _dense(tape.gradient(scaled, point.trainable))
+    non_trainable = step.unperturbed(non_trainable, non_trainable_before, point)
     for variable, value in zip(model.non_trainable_variables + model.metrics_variables, non_trainable + metrics):
         variable.assign(value)
     batch = tf.shape(next(i for i in tree.flatten(x) if i is not None))[0]
     model._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=batch)
-    result = step.single_pass_step(model, grads, loss, direction_norm)
+    result = step.single_pass_step(model, grads, loss, point.direction_norm)
     step.apply_update(model.optimizer, result, trainable)
     if result.stats:
         model.update_diagnostics(result.stats)

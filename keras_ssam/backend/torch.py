@@ -135,19 +135,20 @@ def _single_pass_step(model, x, y, sample_weight, trainable, weights, non_traina
     its loss, metrics and state updates are the step's (torch's generator
     advances as in a plain pass)."""
     with torch.no_grad():
-        point, direction_norm = step.single_pass_point(model, [w.detach() for w in weights])
-    point = [p.detach().requires_grad_(True) for p in point]
+        point = step.single_pass_point(model, [w.detach() for w in weights], non_trainable_before)
+    values = [p.detach().requires_grad_(True) for p in point.trainable]
     loss, y_pred, non_trainable, metrics = step.stateless_training_loss(
-        model, point, non_trainable_before, metrics_values, x, y, sample_weight
+        model, values, point.non_trainable, metrics_values, x, y, sample_weight
     )
-    grads = torch.autograd.grad(model.optimizer.scale_loss(loss), point, allow_unused=True)
+    grads = torch.autograd.grad(model.optimizer.scale_loss(loss), values, allow_unused=True)
+    non_trainable = step.unperturbed(non_trainable, non_trainable_before, point)
     with torch.no_grad():
         for variable, value in zip(model.non_trainable_variables + model.metrics_variables, non_trainable + metrics):
             variable.assign(value)
         model._loss_tracker.update_state(
             loss.detach(), sample_weight=next(i for i in tree.flatten(x) if i is not None).shape[0]
         )
-        result = step.single_pass_step(model, list(grads), loss.detach(), direction_norm)
+        result = step.single_pass_step(model, list(grads), loss.detach(), point.direction_norm)
         step.apply_update(model.optimizer, result, trainable)
         if result.stats:
             model.update_diagnostics(result.stats)
