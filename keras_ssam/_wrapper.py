@@ -3,13 +3,18 @@
 In the shape of Keras's own `LossScaleOptimizer`: the wrapped optimizer (the
 *base*) owns the update, the learning rate, the iteration count and its
 variables; the wrapper adds its own variables after them and forwards the
-rest. `keras_ssam.SAM` builds on it, so that the SAM classes read as the
+rest. `StepOnlyOptimizer` adds the guard that only a SAM step applies it.
+`keras_ssam.SAM` builds on them, so that the SAM classes read as the
 sharpness-aware policy only.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
+
+from keras_ssam import sam_math
 
 
 class ForwardingOptimizer(keras.optimizers.Optimizer):
@@ -159,3 +164,96 @@ class ForwardingOptimizer(keras.optimizers.Optimizer):
             config["base_optimizer"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+_SAM_MODEL_HINT = (
+    "SAM optimizers need the gradient at a perturbed point, which only "
+    "keras_ssam.SAMModel computes: wrap your model, "
+    "`keras_ssam.SAMModel(model)`, and compile that."
+)
+
+
+class StepOnlyOptimizer(ForwardingOptimizer):
+    """A `ForwardingOptimizer` that applies only at the end of a SAM step.
+
+    `keras_ssam.step.apply_update` applies the step's update inside
+    `applying(decoupled)`; anywhere else `apply` raises, so a SAM optimizer
+    compiled into a plain `keras.Model` cannot silently train as its base
+    optimizer. A step's decoupled term (WSAM) is subtracted from the weights
+    after the base optimizer's update, times its learning rate at the step.
+
+    Args:
+        base_optimizer, name: as `ForwardingOptimizer`.
+    """
+
+    def __init__(self, base_optimizer: keras.optimizers.Optimizer, name: str | None = None):
+        super().__init__(base_optimizer, name=name)
+        self._applying = None
+        # Set by SAMModel when compiled with this optimizer; `_built_elsewhere`
+        # when a model that is not one built it.
+        self._attached_to_sam_model = False
+        self._built_elsewhere = False
+
+    @contextlib.contextmanager
+    def applying(self, decoupled=None):
+        """Marks an `apply` as the end of a SAM step, with the step's
+        decoupled term (`None`, or a tensor per weight, unscaled)."""
+        outer, self._applying = self._applying, [decoupled]
+        try:
+            yield
+        finally:
+            self._applying = outer
+
+    def _decoupled_term(self):
+        if self._applying is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.apply was called outside "
+                f"keras_ssam.SAMModel. {_SAM_MODEL_HINT}"
+            )
+        return self._applying[0]
+
+    @property
+    def variables(self):
+        # A model that is not a SAMModel built this optimizer (Keras builds it
+        # for evaluate too). Its `fit` reads the variables before the first
+        # step (on JAX it then moves the weights into the step's state):
+        # refuse here, while the model is intact; `apply` refuses on the
+        # other paths.
+        if self._built_elsewhere and not self._attached_to_sam_model:
+            raise RuntimeError(
+                f"{type(self).__name__} was compiled into a model that is "
+                f"not a keras_ssam.SAMModel. {_SAM_MODEL_HINT}"
+            )
+        return super().variables
+
+    def build(self, var_list):
+        if not self._attached_to_sam_model:
+            self._built_elsewhere = True
+        super().build(var_list)
+
+    def apply(self, grads, trainable_variables=None):
+        decoupled = self._decoupled_term()
+        if decoupled is None:
+            super().apply(grads, trainable_variables)
+            return
+        variables = self.base_optimizer._trainable_variables if trainable_variables is None else trainable_variables
+        # The learning rate of this step, before `apply` advances it.
+        learning_rate = keras.ops.convert_to_tensor(self.base_optimizer.learning_rate)
+        super().apply(grads, trainable_variables)
+        new = sam_math.decoupled_step([v.value for v in variables], decoupled, learning_rate)
+        for variable, value in zip(variables, new):
+            variable.assign(value)
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        decoupled = self._decoupled_term()
+        if decoupled is not None:
+            count = len(self.base_optimizer.variables)
+            # LossScaleOptimizer hands over the variables themselves inside a
+            # StatelessScope: read them there.
+            mapping = list(zip(self.base_optimizer.variables, optimizer_variables[:count]))
+            with keras.StatelessScope(state_mapping=mapping):
+                learning_rate = keras.ops.convert_to_tensor(self.base_optimizer.learning_rate)
+        trainable_variables, values = super().stateless_apply(optimizer_variables, grads, trainable_variables)
+        if decoupled is not None:
+            trainable_variables = sam_math.decoupled_step(trainable_variables, decoupled, learning_rate)
+        return trainable_variables, values

@@ -10,7 +10,6 @@ run by `keras_ssam.SAMModel`.
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 import random
 
@@ -19,19 +18,13 @@ from keras import ops
 
 from keras_ssam import sam_math, schedules
 from keras_ssam._validation import check_bool, check_int, check_number
-from keras_ssam._wrapper import ForwardingOptimizer
+from keras_ssam._wrapper import StepOnlyOptimizer
 from keras_ssam.perturb import check_perturb
 from keras_ssam.schedules import sam_step_draws  # noqa: F401  (public here since 0.1)
 
-_SAM_MODEL_HINT = (
-    "SAM optimizers need the gradient at a perturbed point, which only "
-    "keras_ssam.SAMModel computes: wrap your model, "
-    "`keras_ssam.SAMModel(model)`, and compile that."
-)
-
 
 @keras.saving.register_keras_serializable(package="keras_ssam")
-class SAM(ForwardingOptimizer):
+class SAM(StepOnlyOptimizer):
     """Sharpness-aware minimization around any Keras optimizer.
 
     With `g` the gradient of the batch loss at the weights `w` and
@@ -113,37 +106,11 @@ class SAM(ForwardingOptimizer):
         perturb="all",
         name: str | None = None,
     ):
-        _check_base_optimizer(base_optimizer)
-        if not schedules.is_schedule(rho):
-            check_number("rho", rho, minimum=0.0)
-        check_number("eta", eta, minimum=0.0)
-        check_number("epsilon", epsilon, minimum=0.0)
-        check_number("max_scale", max_scale, minimum=0.0, allow_equal=False, allow_none=True)
-        if eta and not adaptive:
-            raise ValueError(
-                "Argument `eta` only applies to the adaptive variant (ASAM); "
-                f"set adaptive=True or leave eta=0. Received: eta={eta!r}, "
-                f"adaptive={adaptive!r}"
-            )
-        if max_scale is not None and not stable:
-            raise ValueError(
-                "Argument `max_scale` bounds SSAM's renormalization factor and "
-                "only applies with stable=True. Received: "
-                f"max_scale={max_scale!r}, stable={stable!r}"
-            )
-        schedules.check_sam_probability(sam_probability)
-        check_perturb(perturb)
-        if perturb == "merged_lora" and not self.perturbs_merged_lora:
-            raise ValueError(
-                "Argument `perturb='merged_lora'` is random weight perturbation of the merged "
-                "LoRA weights (Flat-LoRA): use keras_ssam.RandomSAM(..., perturb='merged_lora'). "
-                f"Received: perturb={perturb!r} for {type(self).__name__}"
-            )
-        if seed is not None:
-            check_int("seed", seed, 0)
-        check_bool("normalize", normalize)
-        check_bool("stable", stable)
-        check_bool("adaptive", adaptive)
+        _check_arguments(
+            base_optimizer, rho, normalize=normalize, stable=stable, adaptive=adaptive, eta=eta,
+            max_scale=max_scale, epsilon=epsilon, sam_probability=sam_probability, seed=seed, perturb=perturb,
+            merged_lora=self.perturbs_merged_lora, owner=type(self).__name__,
+        )
         super().__init__(base_optimizer, name=name)
         self.rho = rho
         self.normalize = normalize
@@ -161,12 +128,7 @@ class SAM(ForwardingOptimizer):
         if seed is None and not (isinstance(sam_probability, numbers.Real) and sam_probability in (0, 1)):
             seed = random.randint(1, 10**9)
         self.seed = seed if seed is None else int(seed)
-        self._applying = None
         self._decision_variables = []
-        # Set by SAMModel when compiled with this optimizer; `_built_elsewhere`
-        # when a model that is not one built it.
-        self._attached_to_sam_model = False
-        self._built_elsewhere = False
 
     # -- The variant contract: what keras_ssam.step calls. --
 
@@ -371,85 +333,16 @@ class SAM(ForwardingOptimizer):
         direction), or `None`."""
         return None
 
-    # -- Use inside SAMModel only. --
-
-    @contextlib.contextmanager
-    def applying(self, decoupled=None):
-        """Marks an `apply` as the end of a SAM step, with the step's
-        decoupled term (see `split_update`), unscaled.
-
-        `SAMModel` applies the sharpness-aware gradient inside this context;
-        anywhere else `apply` raises, so a SAM optimizer compiled into a plain
-        `keras.Model` cannot silently train as its base optimizer.
-        """
-        outer, self._applying = self._applying, [decoupled]
-        try:
-            yield
-        finally:
-            self._applying = outer
-
-    def _decoupled_term(self):
-        if self._applying is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.apply was called outside "
-                f"keras_ssam.SAMModel. {_SAM_MODEL_HINT}"
-            )
-        return self._applying[0]
-
-    @property
-    def variables(self):
-        # A model that is not a SAMModel built this optimizer (Keras builds it
-        # for evaluate too). Its `fit` reads the variables before the first
-        # step (on JAX it then moves the weights into the step's state):
-        # refuse here, while the model is intact; `apply` refuses on the
-        # other paths.
-        if self._built_elsewhere and not self._attached_to_sam_model:
-            raise RuntimeError(
-                f"{type(self).__name__} was compiled into a model that is "
-                f"not a keras_ssam.SAMModel. {_SAM_MODEL_HINT}"
-            )
-        return super().variables
+    # -- Keras integration: forwarding and the guard (StepOnlyOptimizer). --
 
     def own_variables(self):
         # The step decision's statistics (AdaptiveSteps) after the variant's.
         return self.state_variables() + list(self._decision_variables)
 
     def build(self, var_list):
-        if not self._attached_to_sam_model:
-            self._built_elsewhere = True
         if self.decision_needs_gradient() and not self._decision_variables:
             self._decision_variables = self.sam_probability.create_variables(self)
         super().build(var_list)
-
-    def apply(self, grads, trainable_variables=None):
-        decoupled = self._decoupled_term()
-        if decoupled is None:
-            super().apply(grads, trainable_variables)
-            return
-        variables = self.base_optimizer._trainable_variables if trainable_variables is None else trainable_variables
-        # The learning rate of this step, before `apply` advances it.
-        learning_rate = ops.convert_to_tensor(self.base_optimizer.learning_rate)
-        super().apply(grads, trainable_variables)
-        for variable, value in zip(variables, sam_math.decoupled_step(
-            [v.value for v in variables], decoupled, learning_rate
-        )):
-            variable.assign(value)
-
-    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
-        decoupled = self._decoupled_term()
-        if decoupled is not None:
-            count = len(self.base_optimizer.variables)
-            # LossScaleOptimizer hands over the variables themselves inside a
-            # StatelessScope: read them there.
-            mapping = list(zip(self.base_optimizer.variables, optimizer_variables[:count]))
-            with keras.StatelessScope(state_mapping=mapping):
-                learning_rate = ops.convert_to_tensor(self.base_optimizer.learning_rate)
-        trainable_variables, values = super().stateless_apply(
-            optimizer_variables, grads, trainable_variables
-        )
-        if decoupled is not None:
-            trainable_variables = sam_math.decoupled_step(trainable_variables, decoupled, learning_rate)
-        return trainable_variables, values
 
     # -- Saving. --
 
@@ -483,6 +376,44 @@ def _serialize(value):
     if isinstance(value, (numbers.Real, str)):
         return value
     return keras.saving.serialize_keras_object(value)
+
+
+def _check_arguments(
+    base_optimizer, rho, *, normalize, stable, adaptive, eta, max_scale, epsilon, sam_probability, seed, perturb,
+    merged_lora, owner,
+):
+    """`SAM`'s argument checks: each error names the argument and the value."""
+    _check_base_optimizer(base_optimizer)
+    if not schedules.is_schedule(rho):
+        check_number("rho", rho, minimum=0.0)
+    check_number("eta", eta, minimum=0.0)
+    check_number("epsilon", epsilon, minimum=0.0)
+    check_number("max_scale", max_scale, minimum=0.0, allow_equal=False, allow_none=True)
+    if eta and not adaptive:
+        raise ValueError(
+            "Argument `eta` only applies to the adaptive variant (ASAM); "
+            f"set adaptive=True or leave eta=0. Received: eta={eta!r}, "
+            f"adaptive={adaptive!r}"
+        )
+    if max_scale is not None and not stable:
+        raise ValueError(
+            "Argument `max_scale` bounds SSAM's renormalization factor and "
+            "only applies with stable=True. Received: "
+            f"max_scale={max_scale!r}, stable={stable!r}"
+        )
+    schedules.check_sam_probability(sam_probability)
+    check_perturb(perturb)
+    if perturb == "merged_lora" and not merged_lora:
+        raise ValueError(
+            "Argument `perturb='merged_lora'` is random weight perturbation of the merged "
+            "LoRA weights (Flat-LoRA): use keras_ssam.RandomSAM(..., perturb='merged_lora'). "
+            f"Received: perturb={perturb!r} for {owner}"
+        )
+    if seed is not None:
+        check_int("seed", seed, 0)
+    check_bool("normalize", normalize)
+    check_bool("stable", stable)
+    check_bool("adaptive", adaptive)
 
 
 def _check_base_optimizer(base_optimizer):
