@@ -183,7 +183,9 @@ class StepOnlyOptimizer(ForwardingOptimizer):
     after the base optimizer's update, times its learning rate at the step.
 
     Args:
-        base_optimizer, name: as `ForwardingOptimizer`.
+        base_optimizer: the `keras.optimizers.Optimizer` that makes the
+            update.
+        name: name of the wrapper.
     """
 
     def __init__(self, base_optimizer: keras.optimizers.Optimizer, name: str | None = None):

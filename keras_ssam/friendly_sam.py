@@ -37,10 +37,11 @@ class FriendlySAM(SAM):
     the paper's average starts from 0, theirs from `g_1`. This class follows
     the paper.
 
+    The arguments `base_optimizer`, `rho`, `normalize`, `stable`,
+    `adaptive`, `eta`, `max_scale`, `epsilon`, `sam_probability`, `seed`,
+    `perturb`, `name` are `keras_ssam.SAM`'s.
+
     Args:
-        base_optimizer, rho, normalize, stable, adaptive, eta, max_scale,
-            epsilon, sam_probability, seed, perturb, name: as in
-            `keras_ssam.SAM`.
         sigma: weight of the full-gradient estimate removed from the
             ascent, >= 0 (the paper uses 1).
         lmbda: decay of the moving average, in [0, 1).

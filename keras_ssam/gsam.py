@@ -36,10 +36,12 @@ class GSAM(SAM):
     below `lr_min`, where the formula gives a negative rho
     (google-research/big_vision#80).
 
+    The arguments `base_optimizer`, `rho`, `normalize`, `stable`,
+    `adaptive`, `eta`, `max_scale`, `epsilon`, `sam_probability`, `seed`,
+    `perturb`, `name` are `keras_ssam.SAM`'s; with `rho_min`, `rho` is
+    rho_max.
+
     Args:
-        base_optimizer, rho, normalize, stable, adaptive, eta, max_scale,
-            epsilon, sam_probability, seed, perturb, name: as in
-            `keras_ssam.SAM`; with `rho_min`, `rho` is rho_max.
         alpha: weight of the surrogate-gap correction, in [0, 1].
         rho_min: the radius at `lr_min`; `None` keeps `rho` as given.
         lr_max: the learning rate at which rho is `rho` (the peak of the

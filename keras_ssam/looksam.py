@@ -35,9 +35,11 @@ class LookSAM(SAM):
     variables: save/load resumes exactly, mid-cycle too. `sam_probability`
     further thins the SAM steps (both must hold).
 
+    The arguments `base_optimizer`, `rho`, `normalize`, `stable`,
+    `adaptive`, `eta`, `max_scale`, `epsilon`, `sam_probability`, `seed`,
+    `name` are `keras_ssam.SAM`'s.
+
     Args:
-        base_optimizer, rho, normalize, stable, adaptive, eta, max_scale,
-            epsilon, sam_probability, seed, name: as in `keras_ssam.SAM`.
         k: a perturbed pass every `k` iterations (an int >= 1; iteration 0
             has one).
         alpha: weight of the reused direction, in [0, 1].

@@ -84,8 +84,11 @@ class MomentumSAM(SAM):
         beta: decay of keras_ssam's own gradient average, used only when the
             base optimizer has no usable momentum.
         epsilon: added to `||v||`.
-        sam_probability, seed, perturb, name: as in `keras_ssam.SAM` (a step
-            not drawn takes its gradient at `w`).
+        sam_probability: as in `keras_ssam.SAM` (a step not drawn takes
+            its gradient at `w`).
+        seed: as in `keras_ssam.SAM`.
+        perturb: as in `keras_ssam.SAM`.
+        name: name of the optimizer.
 
     Example:
 

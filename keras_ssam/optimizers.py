@@ -232,12 +232,11 @@ class SAM(StepOnlyOptimizer):
             need_stats: also return the diagnostics.
             overwrite_grads: the caller gives `perturbed_grads` up: on torch
                 the update is computed in their memory.
-            global_grads, global_perturbed_grads: under tf.distribute, the
-                all-reduced clean and perturbed gradients, while `grads` and
-                `perturbed_grads` are this replica's share (which the
-                optimizer all-reduces): norms and coefficients come from
-                the global ones. `None`: the same as `grads` /
-                `perturbed_grads`.
+            global_grads: under tf.distribute, the all-reduced clean
+                gradients, while `grads` is this replica's share (which the
+                optimizer all-reduces): norms and coefficients come from the
+                global ones. `None`: the same as `grads`.
+            global_perturbed_grads: the same for `perturbed_grads`.
 
         Returns:
             `(update_grads, stats)` where `stats` holds `perturbed_grad_norm`

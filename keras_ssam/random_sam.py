@@ -60,9 +60,15 @@ class RandomSAM(SAM):
         mix: `None` (one pass), or the weight `lam` in (0, 1] of the
             perturbed gradient (m-RWP, two passes; the authors use 0.5).
         adaptive: ARWP's noise scaling.
-        eta, beta: ARWP's `eta` and `beta` (the defaults are the authors'
+        eta: ARWP's `eta` (the default is the authors' code's); only with
+            `adaptive=True`.
+        beta: ARWP's `beta`, the decay of `F` (the default is the authors'
             code's); only with `adaptive=True`.
-        sam_probability, seed, perturb, name: as in `keras_ssam.SAM`.
+        sam_probability: as in `keras_ssam.SAM`.
+        seed: the seed of the noise (and of the `sam_probability` draws);
+            drawn from Python's `random` when `None`.
+        perturb: as in `keras_ssam.SAM`, or `"merged_lora"` (Flat-LoRA).
+        name: name of the optimizer.
 
     Example:
 

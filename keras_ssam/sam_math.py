@@ -86,7 +86,10 @@ def sam_perturbation(
             the unscaled gradient `g = grads / grad_scale`.
         weights: the current weight values `w`.
         rho: the perturbation radius, a scalar.
-        normalize, adaptive, eta, epsilon: as in `keras_ssam.SAM`.
+        normalize: as in `keras_ssam.SAM`.
+        adaptive: as in `keras_ssam.SAM`.
+        eta: as in `keras_ssam.SAM`.
+        epsilon: as in `keras_ssam.SAM`.
         grad_scale: the factor the loss was multiplied by, or `None`.
         overwrite_grads: the caller gives `grads` up; `e` may be computed in
             their memory (torch does, saving one copy of the gradients).

@@ -232,7 +232,8 @@ class AdaptiveSteps:
         total_steps: the steps over which `c_t` goes from `c_start` to
             `c_end` (usually all of training).
         delta: the statistics' decay, in [0, 1).
-        c_start, c_end: the threshold's end points, in standard deviations.
+        c_start: the threshold at step 0, in standard deviations.
+        c_end: the threshold from `total_steps` on.
 
     Example:
 

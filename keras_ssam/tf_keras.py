@@ -99,11 +99,11 @@ class SharpnessAwareMinimization(SAMModel):
             regularizers, `add_loss`) to the loss of the training step's
             passes; `False` leaves them out as tf.keras did (`evaluate`
             still includes them, as tf.keras's did).
-        diagnostics, perturbation_scope: as in `keras_ssam.SAMModel`.
+        diagnostics: as in `keras_ssam.SAMModel`.
+        perturbation_scope: as in `keras_ssam.SAMModel`;
             `perturbation_scope="local"` is tf.keras's per-replica
-            perturbation under `tf.distribute`; on JAX's `DataParallel` it
-            currently sums the shards' updates too with
-            `batch_split_reduction="sum"` (use `"mean"` there).
+            perturbation under `tf.distribute` (the shards of JAX's
+            `DataParallel` are averaged, the splits summed).
 
     Example:
 

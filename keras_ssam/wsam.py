@@ -32,10 +32,11 @@ class WSAM(SAM):
     base optimizer accumulates gradients), unclipped. gamma = 1/2 without
     decoupling is SAM.
 
+    The arguments `base_optimizer`, `rho`, `normalize`, `stable`,
+    `adaptive`, `eta`, `max_scale`, `epsilon`, `sam_probability`, `seed`,
+    `perturb`, `name` are `keras_ssam.SAM`'s.
+
     Args:
-        base_optimizer, rho, normalize, stable, adaptive, eta, max_scale,
-            epsilon, sam_probability, seed, perturb, name: as in
-            `keras_ssam.SAM`.
         gamma: the sharpness weight, in [0, 1).
         decouple: apply the sharpness term after the base optimizer's
             update instead of through it.
