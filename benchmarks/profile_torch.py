@@ -4,6 +4,11 @@ batch 128), per aten operator, and what SSAM adds over SAM. The eager
 counterpart of `xla_cost.py`: every pass over the weights is its own kernel.
 
     python benchmarks/profile_torch.py [--steps 20]
+    python benchmarks/profile_torch.py --configs plain,msam,rwp    # any of sam_bench's KERAS_CONFIGS
+
+With `--configs` the columns are those benchmark configurations (built as
+the benchmark builds them, with `total_steps` 1), and the last column is the
+last one minus the first.
 """
 
 import argparse
@@ -15,7 +20,7 @@ os.environ["KERAS_BACKEND"] = "torch"
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sam_bench.configs import FULL  # noqa: E402  (same folder)
+from sam_bench.configs import FULL, KERAS_CONFIGS, LEARNING_RATE, MOMENTUM  # noqa: E402  (same folder)
 from sam_bench.models import build_keras_model  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
@@ -46,6 +51,9 @@ def per_step_ms(model, optimizer, x, y, steps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated names from sam_bench.configs.KERAS_CONFIGS (default: plain, sam, "
+                             "ssam as written below, and SSAM - SAM)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(BATCH * args.steps, 32, 32, 3)).astype("float32")
@@ -54,24 +62,42 @@ def main():
     def base():
         return keras.optimizers.SGD(0.01, momentum=0.9)
 
+    if args.configs:
+        names = [n for n in args.configs.split(",") if n]
+        unknown = sorted(set(names) - set(KERAS_CONFIGS))
+        if unknown:
+            parser.error(f"unknown config(s) {unknown}; choose from {','.join(KERAS_CONFIGS)}")
+        rows = {}
+        for name in names:
+            model, optimizer = KERAS_CONFIGS[name](mlp(), keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
+                                                   keras_ssam, 1)
+            rows[name] = per_step_ms(model, optimizer, x, y, args.steps)
+        report(rows, names[-1], names[0])
+        return
     rows = {
         "plain": per_step_ms(mlp(), base(), x, y, args.steps),
         "sam": per_step_ms(keras_ssam.SAMModel(mlp()), keras_ssam.SAM(base(), 0.05), x, y, args.steps),
         "ssam": per_step_ms(keras_ssam.SAMModel(mlp()), keras_ssam.SSAM(base(), 0.05), x, y, args.steps),
     }
-    names = sorted(set().union(*rows.values()), key=lambda k: -rows["ssam"][k])
+    report(rows, "ssam", "sam")
+
+
+def report(rows, a, b):
+    """Self CPU ms per step of each op and config, and config `a` minus `b`."""
+    width = max(8, *(len(c) + 1 for c in rows))
+    names = sorted(set().union(*rows.values()), key=lambda k: -rows[a][k])
     names = [k for k in names if max(r[k] for r in rows.values()) >= 0.05]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; self CPU ms per step")
-    print(f"{'op':<34}{'plain':>8}{'sam':>8}{'ssam':>8}{'ssam-sam':>10}")
+    print(f"{'op':<34}" + "".join(f"{c:>{width}}" for c in rows) + f"{a + '-' + b:>{width + 6}}")
     for k in names:
-        p, s, ss = (rows[c][k] for c in ("plain", "sam", "ssam"))
-        print(f"{k:<34}{p:8.2f}{s:8.2f}{ss:8.2f}{ss - s:10.2f}")
+        print(f"{k:<34}" + "".join(f"{r[k]:{width}.2f}" for r in rows.values())
+              + f"{rows[a][k] - rows[b][k]:{width + 6}.2f}")
     totals = {c: sum(r.values()) for c, r in rows.items()}
     mm = {c: r["aten::mm"] + r["aten::addmm"] for c, r in rows.items()}
-    print(f"{'all aten ops':<34}" + "".join(f"{totals[c]:8.2f}" for c in rows)
-          + f"{totals['ssam'] - totals['sam']:10.2f}")
-    print(f"{'of which matmuls':<34}" + "".join(f"{mm[c]:8.2f}" for c in rows)
-          + f"{mm['ssam'] - mm['sam']:10.2f}")
+    print(f"{'all aten ops':<34}" + "".join(f"{totals[c]:{width}.2f}" for c in rows)
+          + f"{totals[a] - totals[b]:{width + 6}.2f}")
+    print(f"{'of which matmuls':<34}" + "".join(f"{mm[c]:{width}.2f}" for c in rows)
+          + f"{mm[a] - mm[b]:{width + 6}.2f}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,15 @@ MLP (4.2 M parameters, batch 128). A machine-independent profile of where a
 SAM step's extra cost goes.
 
     python benchmarks/xla_cost.py
+    python benchmarks/xla_cost.py --configs plain,msam,rwp,aesam    # any of sam_bench's KERAS_CONFIGS
+
+The default rows are the four above; `--configs` takes the benchmark's
+configuration names instead (built as the benchmark builds them, with
+`total_steps` 1). A configuration whose step holds a conditional (AE-SAM's
+adaptive steps) counts both branches.
 """
 
+import argparse
 import os
 
 os.environ["KERAS_BACKEND"] = "jax"
@@ -13,7 +20,7 @@ os.environ["KERAS_BACKEND"] = "jax"
 import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from sam_bench.configs import FULL  # noqa: E402  (same folder)
+from sam_bench.configs import FULL, KERAS_CONFIGS, LEARNING_RATE, MOMENTUM  # noqa: E402  (same folder)
 from sam_bench.models import build_keras_model  # noqa: E402
 
 import keras_ssam  # noqa: E402
@@ -47,6 +54,11 @@ def step_cost(model, optimizer, x, y):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated names from sam_bench.configs.KERAS_CONFIGS (default: plain, sam, "
+                             "ssam, ssam_adapt as written below)")
+    args = parser.parse_args()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(BATCH, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 10, BATCH).astype("int32")
@@ -54,6 +66,18 @@ def main():
     def base():
         return keras.optimizers.SGD(0.01, momentum=0.9)
 
+    if args.configs:
+        names = [n for n in args.configs.split(",") if n]
+        unknown = sorted(set(names) - set(KERAS_CONFIGS))
+        if unknown:
+            parser.error(f"unknown config(s) {unknown}; choose from {','.join(KERAS_CONFIGS)}")
+        rows = {}
+        for name in names:
+            model, optimizer = KERAS_CONFIGS[name](mlp(), keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
+                                                   keras_ssam, 1)
+            rows[name] = step_cost(model, optimizer, x, y)
+        report(rows)
+        return
     rows = {
         "plain": step_cost(mlp(), base(), x, y),
         "sam": step_cost(keras_ssam.SAMModel(mlp()), keras_ssam.SAM(base(), 0.05), x, y),
@@ -65,11 +89,15 @@ def main():
             y,
         ),
     }
-    flops0, bytes0 = rows["plain"]
-    print(f"{'config':<12}{'GFLOP':>8}{'':>9}{'MB accessed':>13}")
+    report(rows)
+
+
+def report(rows):
+    flops0, bytes0 = next(iter(rows.values()))
+    print(f"{'config':<13}{'GFLOP':>8}{'':>9}{'MB accessed':>13}   (ratios to {next(iter(rows))})")
     for name, (flops, nbytes) in rows.items():
         print(
-            f"{name:<12}{flops / 1e9:8.3f} ({flops / flops0:.2f}x) {nbytes / 1e6:9.1f} ({nbytes / bytes0:.2f}x)"
+            f"{name:<13}{flops / 1e9:8.3f} ({flops / flops0:.2f}x) {nbytes / 1e6:9.1f} ({nbytes / bytes0:.2f}x)"
         )
 
 

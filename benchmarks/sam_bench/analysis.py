@@ -9,14 +9,31 @@ numbers, added to each model's entry of the results:
                          and of two passes, whose median would be one kind)
     memory_sam_vs_plain  SAM's extra memory over plain, in MiB and in units of
                          the trainable weights' bytes (RSS, XLA, device)
+    memory_one_pass      per `configs.MEMORY_COMPARISONS` row (the one-pass
+                         variants against their reference): the extra
+                         persistent optimizer state (exact bytes) and the
+                         extra transient step memory (RSS step peak; XLA's
+                         temp bytes on JAX), in weight sizes
     targets              each of those with a target: its bound and whether
                          it is met (RSS verdicts only for weights of at least
-                         `RSS_VERDICT_MIN_WEIGHT_MIB`)
+                         `RSS_VERDICT_MIN_WEIGHT_MIB`); a ratio whose target
+                         depends on the measured fraction of SAM steps
+                         (`configs.fraction_target`) gets the bound computed
+                         from that fraction, its rule, and the statistic held
+                         against it (the pooled mean ratio) with its value
 """
 
 import statistics
 
-from .configs import MEMORY_TARGET_WEIGHTS, MIXED_CONFIGS, RATIOS, RSS_VERDICT_MIN_WEIGHT_MIB
+from .configs import (
+    MEMORY_COMPARISONS,
+    MEMORY_TARGET_WEIGHTS,
+    MIXED_CONFIGS,
+    RATIOS,
+    RSS_VERDICT_MIN_WEIGHT_MIB,
+    STATE_TOLERANCE_WEIGHTS,
+    target_bound,
+)
 
 
 def summarize(res, backend):
@@ -29,13 +46,29 @@ def summarize(res, backend):
             if (r := ratio(entry["configs"], num, den)) is not None
         }
         _expected_from_fraction(entry)
-        entry["targets"] = {
-            f"{num}/{den}": {"max": t[backend], "met": entry["ratios"][f"{num}/{den}"]["median"] <= t[backend]}
-            for num, den, _, t in RATIOS
-            if backend in t and f"{num}/{den}" in entry["ratios"]
-        }
+        entry["targets"] = {}
+        for num, den, _, t in RATIOS:
+            r = entry["ratios"].get(f"{num}/{den}")
+            bound = None if r is None or backend not in t else target_bound(t[backend], r)
+            if bound is not None:
+                statistic = getattr(t[backend], "statistic", "median")
+                entry["targets"][f"{num}/{den}"] = {"max": bound, "met": r[statistic] <= bound}
+                if hasattr(t[backend], "rule"):
+                    entry["targets"][f"{num}/{den}"].update(rule=t[backend].rule, statistic=statistic,
+                                                            value=r[statistic])
         entry["memory_sam_vs_plain"] = memory_extra(entry)
         rss_ok = entry["trainable_weight_bytes"] / 2**20 >= RSS_VERDICT_MIN_WEIGHT_MIB
+        entry["memory_one_pass"] = one_pass_memory(entry)
+        for key, m in entry["memory_one_pass"].items():
+            if m.get("state_extra_weights") is not None:
+                entry["targets"][f"memory_state/{key}"] = {
+                    "max": m["state_max_weights"], "value": m["state_extra_weights"],
+                    "met": m["state_extra_weights"] <= m["state_max_weights"] + STATE_TOLERANCE_WEIGHTS}
+            for label in ("rss_step_peak", "xla_temp"):
+                extra = m.get(f"{label}_extra_weights")
+                if extra is not None and (rss_ok or label == "xla_temp"):
+                    entry["targets"][f"memory_step/{label}/{key}"] = {
+                        "max": m["step_max_weights"], "value": extra, "met": extra <= m["step_max_weights"]}
         for label in ("rss_step_peak", "rss_total_peak", "xla_peak"):
             extra = entry["memory_sam_vs_plain"].get(f"{label}_extra_weights")
             if extra is not None and (rss_ok or label == "xla_peak"):
@@ -107,4 +140,35 @@ def memory_extra(entry, num="sam", den="plain"):
             out["device_peak_extra_weights"] = (da - db) / wmib
     except (KeyError, TypeError):
         pass
+    return out
+
+
+def one_pass_memory(entry):
+    """Per MEMORY_COMPARISONS row present: the numerator's extra persistent
+    optimizer state (exact bytes of optimizer.variables) and extra transient
+    step memory (RSS step peak; on JAX XLA's temp bytes, the step's own
+    buffers) over its reference, in trainable-weight sizes."""
+    cfgs = entry["configs"]
+    wbytes = entry["trainable_weight_bytes"]
+    out = {}
+    for num, den, label, step_max, state_max in MEMORY_COMPARISONS:
+        if num not in cfgs or den not in cfgs:
+            continue
+        m = {"label": label, "step_max_weights": step_max, "state_max_weights": state_max}
+        a, b = cfgs[num].get("optimizer_state_bytes"), cfgs[den].get("optimizer_state_bytes")
+        if a is not None and b is not None:
+            m["state_extra_bytes"] = a - b
+            m["state_extra_weights"] = (a - b) / wbytes
+        extra = memory_extra(entry, num, den)
+        for key in ("rss_step_peak_extra_mib", "rss_step_peak_extra_weights", "rss_total_peak_extra_weights",
+                    "xla_peak_extra_weights"):
+            if key in extra:
+                m[key] = extra[key]
+        try:
+            ta = cfgs[num]["memory"]["xla"]["temp_bytes"]
+            tb = cfgs[den]["memory"]["xla"]["temp_bytes"]
+            m["xla_temp_extra_weights"] = (ta - tb) / wbytes
+        except (KeyError, TypeError):
+            pass
+        out[f"{num}/{den}"] = m
     return out

@@ -12,7 +12,11 @@ steps, and the min and max over repetitions of the per-repetition medians;
 also each block's mean step, and, for the configurations that skip the
 perturbed pass on some steps (`configs.SAM_STEP_PATTERNS`), how many steps of
 each timed block ran it (block r covers iterations (r + 1) * steps to
-(r + 2) * steps - 1: the warm-up block took the first `steps`).
+(r + 2) * steps - 1: the warm-up block took the first `steps`); for those
+whose steps depend on the data (`configs.MEASURED_SAM_STEPS`), the counts
+their diagnostics logged. A configuration is built knowing the steps the
+process trains it for: (reps + 1) * steps in the timing child, 2 * steps in
+a memory child.
 """
 
 import json
@@ -22,7 +26,7 @@ import time
 
 from .configs import KERAS_CONFIGS, PEER_CONFIGS, PEERS, SAM_STEP_PATTERNS
 from .keras_config import KerasConfig
-from .memory import measure_memory, rss_mib
+from .memory import measure_memory, optimizer_state_bytes, rss_mib
 from .models import build_keras_model, make_data, weight_info
 from .peers import JaxPeerConfig, TorchPeerConfig, peer_available
 
@@ -33,10 +37,10 @@ METHOD = (
     "config order rotated each rep.")
 
 
-def make_config(backend, name, model_name, template, sizes, x, y, batch_size):
+def make_config(backend, name, model_name, template, sizes, x, y, batch_size, total_steps):
     """The configuration `name`: a KerasConfig, or this backend's peer loop."""
     if name in KERAS_CONFIGS:
-        return KerasConfig(name, template, x, y, batch_size)
+        return KerasConfig(name, template, x, y, batch_size, total_steps)
     if backend == "jax":
         return JaxPeerConfig(name, template, x, y, batch_size)
     if backend == "torch":
@@ -74,9 +78,14 @@ def backend_versions(backend):
     return versions
 
 
-def sam_steps_per_block(name, steps, reps):
+def sam_steps_per_block(name, steps, reps, cfg=None):
     """How many steps of each timed block of `name` run the perturbed pass
-    (None: every step or none by construction, plain and peers excluded)."""
+    (None: every step or none by construction, plain and peers excluded):
+    from its pattern, or as its diagnostics logged them (the warm-up block's
+    count dropped)."""
+    measured = getattr(cfg, "sam_steps_per_block", None)
+    if measured is not None:
+        return measured[1:] if None not in measured else None
     if name not in SAM_STEP_PATTERNS:
         return None
     import numpy as np
@@ -111,7 +120,8 @@ def child_timing(args):
         x, y = make_data(args.steps, args.batch_size)
         cfgs, first_epoch_s = {}, {}
         for name in configs:
-            cfg = make_config(backend, name, model_name, template, sizes, x, y, args.batch_size)
+            cfg = make_config(backend, name, model_name, template, sizes, x, y, args.batch_size,
+                              (args.reps + 1) * args.steps)
             t0 = time.perf_counter()
             cfg.run_block(args.steps)  # warm-up: trace, compile, first epoch
             first_epoch_s[name] = time.perf_counter() - t0
@@ -132,7 +142,7 @@ def child_timing(args):
             per_rep = [statistics.median(block) for block in times[name]]
             per_rep_mean = [statistics.fmean(block) for block in times[name]]
             pooled = [t for block in times[name] for t in block]
-            sam_steps = sam_steps_per_block(name, args.steps, args.reps)
+            sam_steps = sam_steps_per_block(name, args.steps, args.reps, cfg)
             optimizer = getattr(getattr(cfg, "model", None), "optimizer", None)
             traced = backend != "torch"  # torch: eager, train_step runs every step
             entry["configs"][name] = {
@@ -148,6 +158,11 @@ def child_timing(args):
                 # Steps of each timed block that ran the perturbed pass (mixed configs only),
                 # and the optimizer's iteration count at the end (checks the block alignment).
                 "sam_steps_per_block": sam_steps,
+                "sam_steps_source": None if sam_steps is None else (
+                    "diagnostics" if getattr(cfg, "sam_steps_per_block", None) is not None else "pattern"),
+                # Exact: the bytes of the optimizer's variables (the base's slots and
+                # keras_ssam's own state), None for the peers.
+                "optimizer_state_bytes": optimizer_state_bytes(cfg),
                 "iterations_end": int(optimizer.iterations.numpy()) if hasattr(
                     getattr(optimizer, "iterations", None), "numpy") else None,
                 "step_times_s": times[name],
@@ -188,7 +203,7 @@ def child_memory(args):
     keras.utils.set_random_seed(0)
     template = build_keras_model(model_name, sizes)
     x, y = make_data(args.steps, args.batch_size)
-    cfg = make_config(backend, name, model_name, template, sizes, x, y, args.batch_size)
+    cfg = make_config(backend, name, model_name, template, sizes, x, y, args.batch_size, 2 * args.steps)
     rss_before = rss_mib()
     out = measure_memory(backend, cfg, args.steps, rss_before, already_warm=False)
     out["method"] = "fresh"

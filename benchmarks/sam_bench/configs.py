@@ -31,39 +31,79 @@ SSAM_ADAPT = {"rho": 0.5, "adaptive": True, "eta": 0.01}
 # and the seed of the sam_probability draws (fixed: every run skips the same steps).
 LOOKSAM_ALPHA = 0.7
 SAM_PROBABILITY_SEED = 0
+# The one-pass variants: Momentum-SAM's radius (the authors' SGD default; its
+# useful rho is several times SAM's), random weight perturbation's relative
+# noise scale and seed, and m-RWP's weight of the noisy gradient (the authors').
+MSAM_RHO = 0.3
+RWP_SIGMA = 0.01
+RWP_SEED = 0
+MRWP_MIX = 0.5
 HYPERPARAMETERS = {"sgd_learning_rate": LEARNING_RATE, "sgd_momentum": MOMENTUM, "rho": RHO,
                    "ssam_adapt": SSAM_ADAPT, "looksam_alpha": LOOKSAM_ALPHA,
-                   "sam_probability_seed": SAM_PROBABILITY_SEED}
+                   "sam_probability_seed": SAM_PROBABILITY_SEED, "msam_rho": MSAM_RHO,
+                   "rwp_sigma": RWP_SIGMA, "rwp_seed": RWP_SEED, "mrwp_mix": MRWP_MIX,
+                   "aesam": "AdaptiveSteps(total_steps=the run's steps, delta=0.9, c 1 -> -1)"}
+
+
+def _without_momentum(base):
+    """The base optimizer's twin without momentum (same class and settings)."""
+    return base.__class__.from_config({**base.get_config(), "momentum": 0.0})
+
 
 # The Keras configurations, trained with `fit`, in the order of the tables:
-# name -> builder(inner, base, keras_ssam) -> (model to compile, optimizer),
-# where `inner` is a fresh copy of the Keras model and `base` a fresh base
-# optimizer. (keras_ssam is passed in, imported by the child that builds.)
+# name -> builder(inner, base, keras_ssam, total_steps) -> (model to compile,
+# optimizer), where `inner` is a fresh copy of the Keras model, `base` a fresh
+# base optimizer and `total_steps` the steps the process will train the
+# configuration for (warm-up included). (keras_ssam is passed in, imported by
+# the child that builds.)
 KERAS_CONFIGS = {
     # keras.Model.fit with the base optimizer
-    "plain": lambda inner, base, ks: (inner, base),
+    "plain": lambda inner, base, ks, n: (inner, base),
     # SAMModel + SAM(SGD, rho=0.05)
-    "sam": lambda inner, base, ks: (ks.SAMModel(inner), ks.SAM(base, rho=RHO)),
+    "sam": lambda inner, base, ks, n: (ks.SAMModel(inner), ks.SAM(base, rho=RHO)),
     # SAMModel + SSAM(SGD, rho=0.05)
-    "ssam": lambda inner, base, ks: (ks.SAMModel(inner), ks.SSAM(base, rho=RHO)),
+    "ssam": lambda inner, base, ks, n: (ks.SAMModel(inner), ks.SSAM(base, rho=RHO)),
     # SAMModel + SSAM(SGD, rho=0.5, adaptive=True, eta=0.01)
-    "ssam_adapt": lambda inner, base, ks: (ks.SAMModel(inner), ks.SSAM(base, **SSAM_ADAPT)),
+    "ssam_adapt": lambda inner, base, ks, n: (ks.SAMModel(inner), ks.SSAM(base, **SSAM_ADAPT)),
     # SAMModel(num_batch_splits=2) + SSAM(SGD, rho=0.05)
-    "ssam_split2": lambda inner, base, ks: (ks.SAMModel(inner, num_batch_splits=2),
+    "ssam_split2": lambda inner, base, ks, n: (ks.SAMModel(inner, num_batch_splits=2),
                                             ks.SSAM(base, rho=RHO)),
     # SAMModel + LookSAM(SGD, rho=0.05, k=5 or 10, alpha=0.7): the perturbed pass every k steps
-    "looksam_k5": lambda inner, base, ks: (ks.SAMModel(inner),
+    "looksam_k5": lambda inner, base, ks, n: (ks.SAMModel(inner),
                                            ks.LookSAM(base, rho=RHO, k=5, alpha=LOOKSAM_ALPHA)),
-    "looksam_k10": lambda inner, base, ks: (ks.SAMModel(inner),
+    "looksam_k10": lambda inner, base, ks, n: (ks.SAMModel(inner),
                                             ks.LookSAM(base, rho=RHO, k=10, alpha=LOOKSAM_ALPHA)),
     # SAMModel + SAM(SGD, rho=0.05, sam_probability=p, seed=0): the perturbed pass with probability p
-    "samp_05": lambda inner, base, ks: (ks.SAMModel(inner), ks.SAM(
+    "samp_05": lambda inner, base, ks, n: (ks.SAMModel(inner), ks.SAM(
         base, rho=RHO, sam_probability=0.5, seed=SAM_PROBABILITY_SEED)),
-    "samp_02": lambda inner, base, ks: (ks.SAMModel(inner), ks.SAM(
+    "samp_02": lambda inner, base, ks, n: (ks.SAMModel(inner), ks.SAM(
         base, rho=RHO, sam_probability=0.2, seed=SAM_PROBABILITY_SEED)),
     # sam_probability=0: every step skips the perturbed pass (the cost of a skipped step)
-    "samp_0": lambda inner, base, ks: (ks.SAMModel(inner), ks.SAM(
+    "samp_0": lambda inner, base, ks, n: (ks.SAMModel(inner), ks.SAM(
         base, rho=RHO, sam_probability=0.0, seed=SAM_PROBABILITY_SEED)),
+    # The one-pass variants. SAMModel + MomentumSAM(SGD momentum 0.9, rho=0.3):
+    # the perturbation follows the base SGD's own momentum (no state of its own)
+    "msam": lambda inner, base, ks, n: (ks.SAMModel(inner), ks.MomentumSAM(base, rho=MSAM_RHO)),
+    # keras.Model.fit with SGD without momentum: msam_own's reference
+    "plain_nomom": lambda inner, base, ks, n: (inner, _without_momentum(base)),
+    # SAMModel + MomentumSAM(SGD without momentum, rho=0.3): keras_ssam keeps its
+    # own gradient average (one weight-sized buffer), the base SGD none
+    "msam_own": lambda inner, base, ks, n: (ks.SAMModel(inner), ks.MomentumSAM(_without_momentum(base),
+                                                                               rho=MSAM_RHO)),
+    # SAMModel + RandomSAM(SGD, sigma=0.01): one pass at w + filter-wise noise
+    "rwp": lambda inner, base, ks, n: (ks.SAMModel(inner), ks.RandomSAM(base, sigma=RWP_SIGMA, seed=RWP_SEED)),
+    # SAMModel + RandomSAM(SGD, sigma=0.01, adaptive=True) (ARWP: one weight-sized buffer F)
+    "rwp_adaptive": lambda inner, base, ks, n: (ks.SAMModel(inner), ks.RandomSAM(
+        base, sigma=RWP_SIGMA, adaptive=True, seed=RWP_SEED)),
+    # SAMModel + RandomSAM(SGD, sigma=0.01, mix=0.5) (m-RWP: the clean and the noisy pass)
+    "mrwp": lambda inner, base, ks, n: (ks.SAMModel(inner), ks.RandomSAM(
+        base, sigma=RWP_SIGMA, mix=MRWP_MIX, seed=RWP_SEED)),
+    # SAMModel(diagnostics=True) + SAM(SGD, rho=0.05,
+    # sam_probability=AdaptiveSteps(total_steps)) (AE-SAM: the perturbed pass when
+    # ||g||^2 >= mu + c_t sigma). The steps that run the pass depend on the data:
+    # the diagnostics log them (MEASURED_SAM_STEPS).
+    "aesam": lambda inner, base, ks, n: (ks.SAMModel(inner, diagnostics=True), ks.SAM(
+        base, rho=RHO, sam_probability=ks.schedules.AdaptiveSteps(total_steps=n))),
 }
 # Which iterations run the perturbed pass, for the configurations that skip
 # some: name -> fn(iterations as an int NumPy array, keras_ssam) -> bool array.
@@ -78,15 +118,50 @@ SAM_STEP_PATTERNS = {
     "samp_02": lambda it, ks: ks.sam_step_draws(SAM_PROBABILITY_SEED, it) < 0.2,
     "samp_0": lambda it, ks: it < 0,
 }
-MIXED_CONFIGS = ("looksam_k5", "looksam_k10", "samp_05", "samp_02")
+# Configurations whose perturbed steps depend on the data (AdaptiveSteps) have
+# no pattern: their SAMModel logs `sam_step_fraction` (diagnostics=True), and
+# the timer reads it at the end of each block (the block's mean, one fit
+# call). Their timing includes the diagnostics' few reductions per step.
+MEASURED_SAM_STEPS = ("aesam",)
+MIXED_CONFIGS = ("looksam_k5", "looksam_k10", "samp_05", "samp_02") + MEASURED_SAM_STEPS
 # The same model in a peer library's own training loop (sam_bench.peers):
 # plain SGD, and the peer's SAM (rho=RHO).
 PEER_CONFIGS = ("peer_plain", "peer_sam")
 PEERS = {"jax": "optax.contrib.sam", "torch": "pytorch_optimizer.SAM", "tensorflow": None}
 CONFIGS = tuple(KERAS_CONFIGS) + PEER_CONFIGS
 
+
+
+def fraction_target(margin):
+    """A target that depends on the measured fraction f of timed steps that
+    ran the perturbed pass (MEASURED_SAM_STEPS): the bound 1 + f + margin
+    (a SAM step costs about two plain steps, a skipped one about one). f is
+    over all timed steps and changes from block to block (AdaptiveSteps'
+    threshold moves during the run), so the ratio held against it is the
+    one over all timed steps too: the pooled mean step over plain's
+    (`statistic`), not the median of the per-repetition ratios."""
+
+    def bound(ratio):
+        return 1.0 + ratio["sam_step_fraction"] + margin
+
+    bound.rule = f"1 + f + {margin:.2f}, against the pooled mean ratio"
+    bound.statistic = "pooled_mean_ratio"
+    return bound
+
+
+def target_bound(target, ratio):
+    """The upper bound of a RATIOS target for this ratio entry (a number, or
+    `fraction_target`'s rule applied to its measured fraction; None when the
+    fraction is unknown)."""
+    if callable(target):
+        return target(ratio) if "sam_step_fraction" in ratio else None
+    return target
+
+
+_ALL = ("tensorflow", "jax", "torch")
 # The step-time ratios reported, in this order:
-# (numerator, denominator, label, {backend: target upper bound})
+# (numerator, denominator, label, {backend: target upper bound, a number or a
+# `fraction_target`})
 RATIOS = (
     ("sam", "plain", "SAM/plain", {"tensorflow": 2.10, "jax": 2.10, "torch": 2.25}),
     ("ssam", "sam", "SSAM/SAM", {"tensorflow": 1.03, "jax": 1.03, "torch": 1.03}),
@@ -101,11 +176,38 @@ RATIOS = (
     ("samp_05", "plain", "SAM p=0.5/plain", {"tensorflow": 1.6, "jax": 1.6, "torch": 1.6}),
     ("samp_02", "plain", "SAM p=0.2/plain", {}),
     ("samp_0", "plain", "skipped step/plain", {"tensorflow": 1.10, "jax": 1.10, "torch": 1.10}),
+    # The one-pass variants against plain: one forward-backward pass plus the
+    # perturbation arithmetic (a few passes over the weights).
+    ("msam", "plain", "MomentumSAM/plain", dict.fromkeys(_ALL, 1.10)),
+    ("msam_own", "plain_nomom", "MSAM own avg/plain no-mom", dict.fromkeys(_ALL, 1.10)),
+    ("rwp", "plain", "RandomSAM/plain", dict.fromkeys(_ALL, 1.10)),
+    ("rwp_adaptive", "plain", "ARWP/plain", dict.fromkeys(_ALL, 1.10)),
+    # m-RWP runs two passes: SAM/plain's targets.
+    ("mrwp", "plain", "m-RWP/plain", {"tensorflow": 2.10, "jax": 2.10, "torch": 2.25}),
+    # Adaptive steps: a fraction f of the steps run the perturbed pass, known
+    # only after the run (block means, MEASURED_SAM_STEPS).
+    ("aesam", "plain", "AE-SAM/plain", dict.fromkeys(_ALL, fraction_target(0.10))),
 )
 PEER_LEGEND = "peer SAM/plain (JAX: optax, torch: pytorch_optimizer)"
 
 # SAM step peak - plain step peak <= ~2x the trainable weights' bytes.
 MEMORY_TARGET_WEIGHTS = 2.0
+# The one-pass variants' memory against their reference, in trainable-weight
+# sizes: (numerator, denominator, label, max extra of the step's transient
+# memory, max extra persistent optimizer state). The step needs w + e (one
+# weight-sized buffer); the state is none where the base optimizer's own
+# momentum gives the direction (msam) or the noise is drawn from (seed,
+# iteration) (rwp), one buffer where keras_ssam keeps its own average
+# (msam_own) or ARWP's F (rwp_adaptive). The state is counted exactly (the
+# bytes of optimizer.variables; scalars below STATE_TOLERANCE_WEIGHTS), the
+# transient memory from the RSS step peak and, on JAX, XLA's analysis.
+MEMORY_COMPARISONS = (
+    ("msam", "plain", "MomentumSAM", 1.0, 0.0),
+    ("msam_own", "plain_nomom", "MSAM own avg", 1.0, 1.0),
+    ("rwp", "plain", "RandomSAM", 1.0, 0.0),
+    ("rwp_adaptive", "plain", "ARWP", 1.0, 1.0),
+)
+STATE_TOLERANCE_WEIGHTS = 0.01
 # RSS is page-granular with MiB-scale allocator noise: its SAM-extra verdict is
 # only given for models whose weights are at least this large.
 RSS_VERDICT_MIN_WEIGHT_MIB = 4.0

@@ -11,6 +11,11 @@ dispatch, and Keras hands it logs already converted to Python floats
 per-batch time is the step's real duration, input fetching included. Each
 `fit` call reuses the compiled train function.
 
+Measured SAM steps (`configs.MEASURED_SAM_STEPS`, whose perturbed steps
+depend on the data): their SAMModel logs `sam_step_fraction`, the running
+mean over the fit call's steps; the timer keeps the last step's logs, so
+after a block `sam_steps_per_block` holds that block's count.
+
 Tracing: `train_step` is wrapped by a counter. On TensorFlow and JAX it runs
 once per trace of the train function, so the counts after the warm-up epoch
 and at the end of the run must be equal (no retracing); on torch it runs
@@ -19,7 +24,7 @@ eagerly once per step and the count means nothing.
 
 import time
 
-from .configs import KERAS_CONFIGS, LEARNING_RATE, MOMENTUM
+from .configs import KERAS_CONFIGS, LEARNING_RATE, MEASURED_SAM_STEPS, MOMENTUM
 from .memory import xla_stats
 
 
@@ -28,7 +33,7 @@ class KerasConfig:
 
     kind = "keras"
 
-    def __init__(self, name, template, x, y, batch_size):
+    def __init__(self, name, template, x, y, batch_size, total_steps):
         import keras
 
         import keras_ssam
@@ -40,7 +45,8 @@ class KerasConfig:
         base = keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM)
         if name not in KERAS_CONFIGS:
             raise ValueError(f"unknown Keras config {name!r}")
-        model, optimizer = KERAS_CONFIGS[name](inner, base, keras_ssam)
+        # total_steps: what this process will train (AdaptiveSteps' schedule length).
+        model, optimizer = KERAS_CONFIGS[name](inner, base, keras_ssam, total_steps)
         model.compile(
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -56,9 +62,13 @@ class KerasConfig:
         # Instance attribute: make_train_function picks it up on first fit.
         model.train_step = counted_train_step
         self.timer = make_step_timer()
+        # Steps of each block (warm-up included) that ran the perturbed pass, as
+        # logged by the diagnostics (MEASURED_SAM_STEPS only).
+        self.sam_steps_per_block = [] if name in MEASURED_SAM_STEPS else None
 
     def run_block(self, steps):
         self.timer.times = []
+        self.timer.last_logs = {}
         self.model.fit(
             self.x[: steps * self.batch_size],
             self.y[: steps * self.batch_size],
@@ -69,6 +79,9 @@ class KerasConfig:
             verbose=0,
             callbacks=[self.timer],
         )
+        if self.sam_steps_per_block is not None:
+            fraction = self.timer.last_logs.get("sam_step_fraction")
+            self.sam_steps_per_block.append(None if fraction is None else int(round(fraction * steps)))
         return list(self.timer.times)
 
     def _jitted_train_step(self):
@@ -128,6 +141,7 @@ def make_step_timer():
         def __init__(self):
             super().__init__()
             self.times = []
+            self.last_logs = {}
             self._t0 = None
 
         def on_train_batch_begin(self, batch, logs=None):
@@ -136,5 +150,6 @@ def make_step_timer():
         def on_train_batch_end(self, batch, logs=None):
             # `logs` holds Python floats here: the step has finished.
             self.times.append(time.perf_counter() - self._t0)
+            self.last_logs = logs or {}
 
     return StepTimer()

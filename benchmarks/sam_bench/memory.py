@@ -61,6 +61,18 @@ def reset_hwm():
         return False
 
 
+def optimizer_state_bytes(config):
+    """The bytes of a Keras configuration's optimizer variables (the base
+    optimizer's slots, keras_ssam's own state, the step counters): exact,
+    the persistent state a step keeps. None for a peer."""
+    optimizer = getattr(getattr(config, "model", None), "optimizer", None)
+    if config.kind != "keras" or optimizer is None:
+        return None
+    import numpy as np
+
+    return int(sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in optimizer.variables))
+
+
 def xla_stats(compiled):
     ma = compiled.memory_analysis()
     if ma is None:

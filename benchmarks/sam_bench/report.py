@@ -1,6 +1,7 @@
 """The outputs, written to `--out`: the printed tables (`bench.txt`: per
 configuration the step times, traces and memory; the ratios with their target
-verdicts; SAM's extra memory; retracing), everything as JSON (`bench.json`:
+verdicts; SAM's extra memory and the one-pass variants' extra state and step
+memory; retracing), everything as JSON (`bench.json`:
 {"meta": ..., "results": ...}) and the chart of the ratios (`bench.png`: bars
 per backend, one panel per model, whiskers min-max over repetitions).
 """
@@ -8,7 +9,16 @@ per backend, one panel per model, whiskers min-max over repetitions).
 import json
 import os
 
-from .configs import MEMORY_TARGET_WEIGHTS, MIXED_CONFIGS, MODELS, PEER_LEGEND, RATIOS, RSS_VERDICT_MIN_WEIGHT_MIB
+from .configs import (
+    MEASURED_SAM_STEPS,
+    MEMORY_COMPARISONS,
+    MEMORY_TARGET_WEIGHTS,
+    MIXED_CONFIGS,
+    MODELS,
+    PEER_LEGEND,
+    RATIOS,
+    RSS_VERDICT_MIN_WEIGHT_MIB,
+)
 
 
 def write(results, meta, out):
@@ -81,42 +91,60 @@ def report(results, meta):
                   f"{_fmt_mib(mem.get('fit_persistent_mib')):>11} {_fmt_mib(mem.get('total_peak_mib')):>9}")
     p("\nRatios of step times: median over repetitions [min-max], then ok or MISS against the target "
       "(no verdicts in smoke mode)")
-    header = f"{'backend':<11} {'model':<7}" + "".join(f" {label:>24}" for _, _, label, _ in RATIOS)
+    rows = _ratio_rows(results)
+    header = f"{'backend':<11} {'model':<7}" + "".join(f" {label:>36}" for _, _, label, _ in rows)
     p(header)
     for backend, res in results.items():
         if "error" in res:
             continue
         for model_name, entry in res["models"].items():
             row = f"{backend:<11} {model_name:<7}"
-            for num, den, label, targets in RATIOS:
+            for num, den, label, _ in rows:
                 r = entry["ratios"].get(f"{num}/{den}")
                 if r is None:
-                    row += f" {'-':>24}"
+                    row += f" {'-':>36}"
                     continue
                 cell = f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]"
-                if backend in targets and meta["mode"] != "smoke":
-                    ok = "ok" if r["median"] <= targets[backend] else "MISS"
-                    cell += f" {ok}<={targets[backend]:.2f}"
-                row += f" {cell:>24}"
+                target = entry.get("targets", {}).get(f"{num}/{den}")
+                if target is not None and meta["mode"] != "smoke":
+                    if target.get("statistic", "median") != "median":
+                        cell += f" mean {target['value']:.2f}"
+                    cell += f" {'ok' if target['met'] else 'MISS'}<={target['max']:.2f}"
+                row += f" {cell:>36}"
             p(row)
+    rules = sorted({t["rule"] for res in results.values() if "error" not in res
+                    for e in res["models"].values() for t in e.get("targets", {}).values() if "rule" in t})
+    if rules:
+        p("Targets that depend on the measured fraction f of SAM steps: " + ", ".join(rules)
+          + " (" + ", ".join(label for num, _, label, _ in rows if num in MEASURED_SAM_STEPS) + ").")
     _mixed_report(p, results)
     if meta["memory"] == "off":
         p("\nMemory: not measured (--memory off).")
     else:
         _memory_report(p, results, meta)
+    _one_pass_memory_report(p, results, meta)
     _traces_report(p, results)
     return "\n".join(lines)
 
 
+def _ratio_rows(results):
+    """The RATIOS rows that some backend and model has."""
+    have = {k for res in results.values() if "error" not in res for e in res["models"].values()
+            for k in e.get("ratios", {})}
+    return [row for row in RATIOS if f"{row[0]}/{row[1]}" in have]
+
+
 def _mixed_report(p, results):
-    mixed = [(num, den, label) for num, den, label, _ in RATIOS if num in MIXED_CONFIGS or den in MIXED_CONFIGS]
+    mixed = [(num, den, label) for num, den, label, _ in _ratio_rows(results)
+             if num in MIXED_CONFIGS or den in MIXED_CONFIGS]
     if not mixed:
         return
     p("\nRatios of configurations that skip the perturbed pass on some steps ("
       + ", ".join(label for _, _, label in mixed)
       + ") are of the repetitions' mean steps, not their median steps. For each: the fraction f of timed "
-      "steps that ran the perturbed pass, and 1 + f (SAM/plain - 1), what those steps alone cost "
-      "(SAM/plain of the pooled mean steps):")
+      "steps that ran the perturbed pass (known in advance, or, for "
+      + ", ".join(MEASURED_SAM_STEPS) + ", as its diagnostics logged it), and 1 + f (SAM/plain - 1), what "
+      "those steps alone cost (SAM/plain of the pooled mean steps):")
     for backend, res in results.items():
         if "error" in res:
             continue
@@ -160,6 +188,42 @@ def _memory_report(p, results, meta):
             p(f"{backend:<11} {model_name:<7} " + ("; ".join(parts) if parts else "not measured"))
 
 
+def _one_pass_memory_report(p, results, meta):
+    present = [(f"{num}/{den}", label, step, state) for num, den, label, step, state in MEMORY_COMPARISONS
+               if any(f"{num}/{den}" in e.get("memory_one_pass", {}) for res in results.values()
+                      if "error" not in res for e in res["models"].values())]
+    if not present:
+        return
+    p("\nOne-pass variants against their reference, in trainable-weight sizes: extra persistent optimizer "
+      "state (exact: the bytes of optimizer.variables) and extra transient step memory (RSS step peak; XLA temp "
+      "bytes on JAX). Targets: " + "; ".join(f"{label} ({key}) state <= {state:g}, step <= {step:g}"
+                                            for key, label, step, state in present))
+    for backend, res in results.items():
+        if "error" in res:
+            continue
+        for model_name, entry in res["models"].items():
+            parts = []
+            targets = entry.get("targets", {})
+            for key, label, _, _ in present:
+                m = entry.get("memory_one_pass", {}).get(key)
+                if not m:
+                    continue
+                cell = f"{label}:"
+                for name, value_key, target_key in (
+                        ("state", "state_extra_weights", f"memory_state/{key}"),
+                        ("RSS step", "rss_step_peak_extra_weights", f"memory_step/rss_step_peak/{key}"),
+                        ("XLA temp", "xla_temp_extra_weights", f"memory_step/xla_temp/{key}")):
+                    if m.get(value_key) is None:
+                        continue
+                    cell += f" {name} {m[value_key]:+.2f}x"
+                    t = targets.get(target_key)
+                    if t is not None and meta["mode"] != "smoke":
+                        cell += " ok" if t["met"] else " MISS"
+                parts.append(cell)
+            if parts:
+                p(f"{backend:<11} {model_name:<7} " + "; ".join(parts))
+
+
 def _traces_report(p, results):
     p("\nTraces: train_step calls after the warm-up epoch / at the end; equal = no retracing "
       "(tensorflow, jax; torch runs eagerly).")
@@ -184,18 +248,21 @@ def plot(results, path, meta):
     backends = [b for b, r in results.items() if "error" not in r]
     if not models or not backends:
         return False
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
-    width = 0.8 / len(RATIOS)
+    rows = _ratio_rows(results)
+    fig, axes = plt.subplots(1, len(models), figsize=(max(6.5, 0.2 * len(rows) * len(backends)) * len(models), 4.5),
+                             squeeze=False)
+    width = 0.8 / max(len(rows), 1)
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f",
-              "#17becf", "#bcbd22", "#e377c2", "#8c564b", "#d62728"]
+              "#17becf", "#bcbd22", "#e377c2", "#8c564b", "#d62728",
+              "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
     for ax, model_name in zip(axes[0], models):
-        for i, (num, den, label, targets) in enumerate(RATIOS):
+        for i, (num, den, label, _) in enumerate(rows):
             xs, ys, lo, hi = [], [], [], []
             for j, b in enumerate(backends):
                 r = results[b]["models"].get(model_name, {}).get("ratios", {}).get(f"{num}/{den}")
                 if r is None:
                     continue
-                xs.append(j + (i - (len(RATIOS) - 1) / 2) * width)
+                xs.append(j + (i - (len(rows) - 1) / 2) * width)
                 ys.append(r["median"])
                 lo.append(r["median"] - r["min"])
                 hi.append(r["max"] - r["median"])
@@ -204,8 +271,9 @@ def plot(results, path, meta):
                        label=PEER_LEGEND if num == "peer_sam" else label)
                 for xv, b in zip(xs, [b for b in backends if results[b]["models"].get(model_name, {})
                                       .get("ratios", {}).get(f"{num}/{den}")]):
-                    if b in targets:
-                        ax.hlines(targets[b], xv - width / 2, xv + width / 2, colors="red", lw=1.5)
+                    t = results[b]["models"][model_name].get("targets", {}).get(f"{num}/{den}")
+                    if t is not None:
+                        ax.hlines(t["max"], xv - width / 2, xv + width / 2, colors="red", lw=1.5)
                 for xv, yv, up in zip(xs, ys, hi):
                     ax.text(xv, yv + up, f"{yv:.2f}", ha="center", va="bottom", fontsize=6, rotation=90)
         ax.axhline(1.0, color="k", lw=0.8)
