@@ -253,12 +253,13 @@ def single_pass_step(model, grads: list, loss, direction_norm) -> StepUpdate:
     grad_scale = loss_scale(model.optimizer)
     variables = sam.state_variables()
     state = sam.next_state(None, grads, None, grad_scale)
-    if state:
+    if state and isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
         # A mixed-precision overflow (LossScaleOptimizer skips the update)
         # must not leave a non-finite value in the state either.
         finite = _all_finite(grads)
-        for variable, value in zip(variables, state):
-            variable.assign(ops.where(finite, value, variable.value))
+        state = [ops.where(finite, value, variable.value) for variable, value in zip(variables, state)]
+    for variable, value in zip(variables, state):
+        variable.assign(value)
     stats = {}
     if model.diagnostics:
         grad_norm = sam_math.weighted_grad_norm(grads, None, grad_scale=grad_scale)
