@@ -38,13 +38,13 @@ import pytest
 import reference as ref
 from efficient_reference import EfficientSAM
 from keras import ops
+from test_efficient import _PASSES, PassCounter
+from test_variants import N_HIDDEN, N_IN, N_OUT, _batches, _inner, _problem
 
 import keras_ssam
 from keras_ssam.schedules import AdaptiveSteps, EveryK, LatePhase
 
 BACKEND = keras.backend.backend()
-N_IN, N_HIDDEN, N_OUT = 4, 5, 2
-BATCH = 4
 LR, MOMENTUM = 0.1, 0.9
 SHAPES = [(N_IN, N_HIDDEN), (N_HIDDEN,), (N_HIDDEN, N_OUT), (N_OUT,)]
 
@@ -52,36 +52,6 @@ SHAPES = [(N_IN, N_HIDDEN), (N_HIDDEN,), (N_HIDDEN, N_OUT), (N_OUT,)]
 # ---------------------------------------------------------------------------
 # Helpers.
 # ---------------------------------------------------------------------------
-
-
-def _problem(seed, n=16):
-    """Initial MLP parameters (float32 values held in float64) and float32
-    data of a smooth regression task."""
-    rng = np.random.default_rng(seed)
-    params = ref.TanhMLP.init_params(rng, N_IN, N_HIDDEN, N_OUT)
-    x = rng.standard_normal((n, N_IN)).astype(np.float32)
-    t = np.sin(x @ rng.standard_normal((N_IN, N_OUT))) + 0.1 * rng.standard_normal((n, N_OUT))
-    return params, x, t.astype(np.float32)
-
-
-def _batches(x, y, epochs=2, batch_size=BATCH):
-    """The batches, in order, as float64 (the values are float32's)."""
-    return [
-        (x[s:s + batch_size].astype(np.float64), y[s:s + batch_size].astype(np.float64))
-        for _ in range(epochs)
-        for s in range(0, len(x), batch_size)
-    ]
-
-
-def _inner(params, float32_head=False):
-    inp = keras.Input((N_IN,))
-    out = keras.layers.Dense(N_HIDDEN, activation="tanh", name="hidden")(inp)
-    out = keras.layers.Dense(N_OUT, name="out")(out)
-    if float32_head:
-        out = keras.layers.Activation("linear", dtype="float32", name="head")(out)
-    inner = keras.Model(inp, out)
-    inner.set_weights([p.astype(np.float32) for p in params])
-    return inner
 
 
 def _sam_model(params, optimizer, *, diagnostics=True, float32_head=False, inner=None, **kwargs):
@@ -585,29 +555,6 @@ def test_zero_radius_is_the_base_optimizer():
 # ---------------------------------------------------------------------------
 # 5. Forward passes per step.
 # ---------------------------------------------------------------------------
-
-_PASSES = [0]
-
-
-def _count_pass():
-    _PASSES[0] += 1
-
-
-class PassCounter(keras.layers.Layer):
-    """Identity that counts its executed forward passes: a Python counter
-    (torch; TensorFlow run eagerly), or a `jax.debug.callback` that fires
-    only when the compiled step executes this call (as in
-    test_efficient.py)."""
-
-    def call(self, x):
-        if BACKEND == "jax":
-            import jax
-
-            jax.debug.callback(_count_pass)
-        else:
-            _count_pass()
-        return x
-
 
 def _counted_passes(params, optimizer, x, y):
     """Forward passes of the inner model over the 6 steps of one epoch of
