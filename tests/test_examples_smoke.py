@@ -6,6 +6,7 @@ exits non-zero when a run disagrees with its closed-form edge); here we check
 the exit status and the outputs.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -73,6 +74,29 @@ def test_benchmark_smoke_mode(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for name in ("bench.json", "bench.txt", "bench.png"):
         assert (tmp_path / name).stat().st_size > 0
+    # The `_cond` twins keep the compiled conditional, their originals are
+    # host-dispatched: the benchmark compares what it says it compares.
+    results = json.loads((tmp_path / "bench.json").read_text())["results"][BACKEND]
+    for entry in results["models"].values():
+        configs = entry["configs"]
+        for name in ("looksam_k5", "looksam_k10", "samp_05", "samp_02", "samp_late"):
+            assert configs[name]["step_decision"] == "host", name
+            assert configs[f"{name}_cond"]["step_decision"] == "conditional", name
+        assert configs["samp_0"]["step_decision"] == "static"
+        assert configs["plain"]["step_decision"] == "-"
+        # No retracing: a conditional step is traced once (TensorFlow's nested
+        # tf.functions: twice, as for plain), so nothing after the warm-up; a
+        # host-dispatched model has two steps, each traced at its first use,
+        # which a short warm-up may not reach (p=0.2): at most twice plain's.
+        per_trace = configs["plain"]["traces"]["end"] if BACKEND != "torch" else None
+        for name, c in configs.items():
+            t = c["traces"]
+            if not (t and t["meaningful"]):
+                continue
+            if c["step_decision"] == "host":
+                assert t["end"] <= 2 * per_trace, (name, t)
+            else:
+                assert t["retraces_after_warmup"] == 0, (name, t)
 
 
 PROFILES = {"jax": ["xla_cost.py"], "torch": ["profile_torch.py", "--steps", "2"]}

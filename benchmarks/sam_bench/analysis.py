@@ -105,12 +105,14 @@ def _expected_from_fraction(entry):
     1 + f (SAM/plain - 1) with SAM/plain of the pooled mean steps. A ratio
     well above it is overhead on the steps that skip the pass."""
     cfgs = entry["configs"]
-    if "sam" not in cfgs or "plain" not in cfgs:
-        return
-    sam_over_plain = cfgs["sam"]["step_s"]["mean"] / cfgs["plain"]["step_s"]["mean"]
-    for key, r in entry["ratios"].items():
-        if key.endswith("/plain") and "sam_step_fraction" in r:
-            r["expected_from_fraction"] = 1 + r["sam_step_fraction"] * (sam_over_plain - 1)
+    # SAM/plain of the same compilation: the eager (default) or the _jit twins.
+    for sam, plain in (("sam", "plain"), ("sam_jit", "plain_jit")):
+        if sam not in cfgs or plain not in cfgs:
+            continue
+        sam_over_plain = cfgs[sam]["step_s"]["mean"] / cfgs[plain]["step_s"]["mean"]
+        for key, r in entry["ratios"].items():
+            if key.endswith(f"/{plain}") and "sam_step_fraction" in r:
+                r["expected_from_fraction"] = 1 + r["sam_step_fraction"] * (sam_over_plain - 1)
 
 
 def memory_extra(entry, num="sam", den="plain"):

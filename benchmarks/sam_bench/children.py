@@ -24,6 +24,7 @@ import platform
 import statistics
 import time
 
+from .conditional import step_decision
 from .configs import KERAS_CONFIGS, PEER_CONFIGS, PEERS, SAM_STEP_PATTERNS
 from .keras_config import KerasConfig
 from .memory import measure_memory, optimizer_state_bytes, rss_mib
@@ -52,7 +53,10 @@ def backend_versions(backend):
     """The versions of Keras, Python, the backend and its peer library."""
     import keras
 
-    versions = {"keras": keras.__version__, "python": platform.python_version()}
+    import keras_ssam
+
+    versions = {"keras": keras.__version__, "python": platform.python_version(),
+                "keras_ssam": getattr(keras_ssam, "__version__", None), "keras_ssam_file": keras_ssam.__file__}
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -127,6 +131,7 @@ def child_timing(args):
             first_epoch_s[name] = time.perf_counter() - t0
             cfgs[name] = cfg
         traces_after_warmup = {n: c.traces for n, c in cfgs.items()}
+        graphs_after_warmup = {n: getattr(c, "graphs", None) for n, c in cfgs.items()}
         times = {n: [] for n in cfgs}
         order = list(cfgs)
         for rep in range(args.reps):
@@ -145,6 +150,7 @@ def child_timing(args):
             sam_steps = sam_steps_per_block(name, args.steps, args.reps, cfg)
             optimizer = getattr(getattr(cfg, "model", None), "optimizer", None)
             traced = backend != "torch"  # torch: eager, train_step runs every step
+            graphs = getattr(cfg, "graphs", None)  # torch.compile: dynamo's graphs
             entry["configs"][name] = {
                 "kind": cfg.kind,
                 "step_s": {
@@ -167,13 +173,22 @@ def child_timing(args):
                     getattr(optimizer, "iterations", None), "numpy") else None,
                 "step_times_s": times[name],
                 "first_epoch_s": first_epoch_s[name],
+                # The warm-up block's time beyond --steps steady-state steps (its
+                # mean): tracing and compilation (torch.compile, XLA, tf.function).
+                "first_epoch_extra_s": first_epoch_s[name] - args.steps * statistics.fmean(pooled),
                 "jit_compile": getattr(getattr(cfg, "model", None), "jit_compile", None)
                 if cfg.kind == "keras" else (backend == "jax"),
+                # How the step decides whether to run the perturbed pass: "host"
+                # (host dispatch), "conditional", "static", "-" (no SAM).
+                "step_decision": step_decision(cfg.model) if cfg.kind == "keras" else None,
                 "traces": None if cfg.traces is None else {
-                    "after_warmup": traces_after_warmup[name],
-                    "end": cfg.traces,
-                    "retraces_after_warmup": cfg.traces - traces_after_warmup[name],
-                    "meaningful": traced,
+                    # torch.compile: graphs dynamo compiled, else train_step calls.
+                    "counts": "torch.compile graphs" if graphs is not None else "train_step calls",
+                    "after_warmup": graphs_after_warmup[name] if graphs is not None else traces_after_warmup[name],
+                    "end": graphs if graphs is not None else cfg.traces,
+                    "retraces_after_warmup": (graphs - graphs_after_warmup[name]) if graphs is not None
+                    else cfg.traces - traces_after_warmup[name],
+                    "meaningful": traced or graphs is not None,
                     "jit_cache_entries": cfg.jit_cache_size() if backend == "jax" else None,
                     "tf_function_tracing_count": cfg.tf_tracing_counts()
                     if backend == "tensorflow" else None,

@@ -13,7 +13,7 @@ import json
 import os
 
 from . import BENCHMARKS
-from .configs import BACKENDS, CONFIGS, FULL, MODELS, SIZE_KEYS, SMOKE
+from .configs import BACKENDS, CONFIGS, DEFAULT_CONFIGS, FULL, MODELS, SIZE_KEYS, SMOKE
 
 
 def _names(csv):
@@ -24,8 +24,8 @@ def _parser(description):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help="subset of " + ",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help="subset of " + ",".join(CONFIGS) + " (default: all but the _jit ones)")
     parser.add_argument("--reps", type=int, help=f"interleaved repetitions (default {FULL['reps']})")
     parser.add_argument("--steps", type=int, help=f"steps per timed block (default {FULL['steps']})")
     parser.add_argument("--batch-size", type=int, help=f"default {FULL['batch_size']}")

@@ -34,6 +34,8 @@ SAM_PROBABILITY_SEED = 0
 # The one-pass variants: Momentum-SAM's radius (the authors' SGD default; its
 # useful rho is several times SAM's), random weight perturbation's relative
 # noise scale and seed, and m-RWP's weight of the noisy gradient (the authors').
+# A LatePhase start no run reaches: a schedule that never runs the perturbed pass.
+NEVER_STEP = 10**9
 MSAM_RHO = 0.3
 RWP_SIGMA = 0.01
 RWP_SEED = 0
@@ -81,6 +83,12 @@ KERAS_CONFIGS = {
     # sam_probability=0: every step skips the perturbed pass (the cost of a skipped step)
     "samp_0": lambda inner, base, ks, n: (ks.SAMModel(inner), ks.SAM(
         base, rho=RHO, sam_probability=0.0, seed=SAM_PROBABILITY_SEED)),
+    # SAMModel + SAM(SGD, rho=0.05, sam_probability=LatePhase(10**9)): every step
+    # skips the perturbed pass too, but the probability is a schedule of the
+    # iteration, not a constant: the decision goes through host dispatch (and,
+    # in its `_cond` twin, through the step's compiled conditional)
+    "samp_late": lambda inner, base, ks, n: (ks.SAMModel(inner), ks.SAM(
+        base, rho=RHO, sam_probability=ks.schedules.LatePhase(NEVER_STEP), seed=SAM_PROBABILITY_SEED)),
     # The one-pass variants. SAMModel + MomentumSAM(SGD momentum 0.9, rho=0.3):
     # the perturbation follows the base SGD's own momentum (no state of its own)
     "msam": lambda inner, base, ks, n: (ks.SAMModel(inner), ks.MomentumSAM(base, rho=MSAM_RHO)),
@@ -117,6 +125,7 @@ SAM_STEP_PATTERNS = {
     "samp_05": lambda it, ks: ks.sam_step_draws(SAM_PROBABILITY_SEED, it) < 0.5,
     "samp_02": lambda it, ks: ks.sam_step_draws(SAM_PROBABILITY_SEED, it) < 0.2,
     "samp_0": lambda it, ks: it < 0,
+    "samp_late": lambda it, ks: it >= NEVER_STEP,
 }
 # Configurations whose perturbed steps depend on the data (AdaptiveSteps) have
 # no pattern: their SAMModel logs `sam_step_fraction` (diagnostics=True), and
@@ -124,11 +133,55 @@ SAM_STEP_PATTERNS = {
 # call). Their timing includes the diagnostics' few reductions per step.
 MEASURED_SAM_STEPS = ("aesam",)
 MIXED_CONFIGS = ("looksam_k5", "looksam_k10", "samp_05", "samp_02") + MEASURED_SAM_STEPS
+
+
+def _conditional(builder):
+    """`builder` with host dispatch disabled (sam_bench.conditional)."""
+
+    def build(inner, base, ks, n):
+        from .conditional import without_host_dispatch  # imports keras_ssam: children only
+
+        return builder(inner, base, without_host_dispatch(ks), n)
+
+    return build
+
+
+# Twins: a configuration with one thing changed, appended to the tables.
+# `<name>_cond`: host dispatch disabled, so the step decides with the compiled
+# conditional that every step held before host dispatch (lax.cond, tf.cond,
+# torch's Python `if` on a device scalar; still the path under AdaptiveSteps,
+# steps_per_execution > 1 and a LossScaleOptimizer): host dispatch against the
+# conditional, side by side in one run.
+CONDITIONAL_TWINS = ("looksam_k5", "looksam_k10", "samp_05", "samp_02", "samp_late")
+# `<name>_jit`: compiled with jit_compile=True: torch.compile on torch (whose
+# default, "auto", is eager), XLA on TensorFlow (whose default is the
+# tf.function graph), JAX's default anyway. Not in DEFAULT_CONFIGS: compiling
+# takes minutes on a CPU; ask for them with --configs.
+JIT_TWINS = ("plain", "sam", "ssam", "looksam_k5", "samp_05", "samp_late", "msam")
+for _name in CONDITIONAL_TWINS:
+    KERAS_CONFIGS[f"{_name}_cond"] = _conditional(KERAS_CONFIGS[_name])
+    SAM_STEP_PATTERNS[f"{_name}_cond"] = SAM_STEP_PATTERNS[_name]
+for _name in JIT_TWINS:
+    KERAS_CONFIGS[f"{_name}_jit"] = KERAS_CONFIGS[_name]
+    if _name in SAM_STEP_PATTERNS:
+        SAM_STEP_PATTERNS[f"{_name}_jit"] = SAM_STEP_PATTERNS[_name]
+MIXED_CONFIGS += tuple(f"{n}{suffix}" for n in MIXED_CONFIGS for suffix in ("_cond", "_jit")
+                       if f"{n}{suffix}" in KERAS_CONFIGS)
+# model.compile's options beyond the optimizer and loss, per configuration.
+COMPILE_OPTIONS = {f"{n}_jit": {"jit_compile": True} for n in JIT_TWINS}
+
+
+def compile_options(name):
+    """The extra `model.compile` arguments of configuration `name`."""
+    return dict(COMPILE_OPTIONS.get(name, {}))
+
 # The same model in a peer library's own training loop (sam_bench.peers):
 # plain SGD, and the peer's SAM (rho=RHO).
 PEER_CONFIGS = ("peer_plain", "peer_sam")
 PEERS = {"jax": "optax.contrib.sam", "torch": "pytorch_optimizer.SAM", "tensorflow": None}
 CONFIGS = tuple(KERAS_CONFIGS) + PEER_CONFIGS
+# What a run benchmarks when --configs is not given: all but the compiled twins.
+DEFAULT_CONFIGS = tuple(c for c in CONFIGS if c not in COMPILE_OPTIONS)
 
 
 
@@ -175,7 +228,23 @@ RATIOS = (
     ("looksam_k10", "plain", "LookSAM k10/plain", {"tensorflow": 1.25, "jax": 1.25, "torch": 1.25}),
     ("samp_05", "plain", "SAM p=0.5/plain", {"tensorflow": 1.6, "jax": 1.6, "torch": 1.6}),
     ("samp_02", "plain", "SAM p=0.2/plain", {}),
-    ("samp_0", "plain", "skipped step/plain", {"tensorflow": 1.10, "jax": 1.10, "torch": 1.10}),
+    # A step that skips the perturbed pass: one clean pass, plus, with host
+    # dispatch, a Python call on the host, or the compiled conditional.
+    ("samp_0", "plain", "skipped step/plain", dict.fromkeys(_ALL, 1.05)),
+    ("samp_late", "plain", "skipped step sched/plain", dict.fromkeys(_ALL, 1.05)),
+    # The same with host dispatch disabled (the `_cond` twins: the compiled
+    # conditional), same targets, and each host-dispatched configuration over
+    # its twin (paired per repetition).
+    ("samp_late_cond", "plain", "skipped step sched cond/plain", dict.fromkeys(_ALL, 1.05)),
+    ("looksam_k5_cond", "plain", "LookSAM k5 cond/plain", dict.fromkeys(_ALL, 1.35)),
+    ("looksam_k10_cond", "plain", "LookSAM k10 cond/plain", dict.fromkeys(_ALL, 1.25)),
+    ("samp_05_cond", "plain", "SAM p=0.5 cond/plain", dict.fromkeys(_ALL, 1.6)),
+    ("samp_02_cond", "plain", "SAM p=0.2 cond/plain", {}),
+    ("samp_late", "samp_late_cond", "skipped step sched host/cond", {}),
+    ("looksam_k5", "looksam_k5_cond", "LookSAM k5 host/cond", {}),
+    ("looksam_k10", "looksam_k10_cond", "LookSAM k10 host/cond", {}),
+    ("samp_05", "samp_05_cond", "SAM p=0.5 host/cond", {}),
+    ("samp_02", "samp_02_cond", "SAM p=0.2 host/cond", {}),
     # The one-pass variants against plain: one forward-backward pass plus the
     # perturbation arithmetic (a few passes over the weights).
     ("msam", "plain", "MomentumSAM/plain", dict.fromkeys(_ALL, 1.10)),
@@ -187,6 +256,19 @@ RATIOS = (
     # Adaptive steps: a fraction f of the steps run the perturbed pass, known
     # only after the run (block means, MEASURED_SAM_STEPS).
     ("aesam", "plain", "AE-SAM/plain", dict.fromkeys(_ALL, fraction_target(0.10))),
+    # The compiled twins (jit_compile=True: torch.compile on torch) against
+    # each other, with the eager targets, and against the default compilation.
+    ("sam_jit", "plain_jit", "SAM/plain jit", {"tensorflow": 2.10, "jax": 2.10, "torch": 2.25}),
+    ("ssam_jit", "sam_jit", "SSAM/SAM jit", dict.fromkeys(_ALL, 1.03)),
+    ("looksam_k5_jit", "plain_jit", "LookSAM k5/plain jit", dict.fromkeys(_ALL, 1.35)),
+    ("samp_05_jit", "plain_jit", "SAM p=0.5/plain jit", dict.fromkeys(_ALL, 1.6)),
+    ("samp_late_jit", "plain_jit", "skipped step sched/plain jit", dict.fromkeys(_ALL, 1.05)),
+    ("msam_jit", "plain_jit", "MomentumSAM/plain jit", dict.fromkeys(_ALL, 1.10)),
+    ("plain_jit", "plain", "plain jit/default", {}),
+    ("sam_jit", "sam", "SAM jit/default", {}),
+    ("ssam_jit", "ssam", "SSAM jit/default", {}),
+    ("looksam_k5_jit", "looksam_k5", "LookSAM k5 jit/default", {}),
+    ("msam_jit", "msam", "MomentumSAM jit/default", {}),
 )
 PEER_LEGEND = "peer SAM/plain (JAX: optax, torch: pytorch_optimizer)"
 

@@ -16,15 +16,23 @@ depend on the data): their SAMModel logs `sam_step_fraction`, the running
 mean over the fit call's steps; the timer keeps the last step's logs, so
 after a block `sam_steps_per_block` holds that block's count.
 
-Tracing: `train_step` is wrapped by a counter. On TensorFlow and JAX it runs
-once per trace of the train function, so the counts after the warm-up epoch
-and at the end of the run must be equal (no retracing); on torch it runs
-eagerly once per step and the count means nothing.
+Tracing: `train_step` is wrapped by a counter (in a subclass of the model's
+class made for that model: host dispatch compiles the class's `train_step`).
+On TensorFlow and JAX it runs once per trace of the train function (a
+host-dispatched model has two: with and without the perturbed pass, each
+traced at its first use), so the counts after the warm-up epoch and at the
+end of the run must be equal (no retracing); on torch it runs eagerly once
+per step and the count means nothing, except under `jit_compile=True`
+(torch.compile), where the graphs dynamo compiles are counted instead
+(`graphs`, per block: its counter is per process).
+
+Compile options: `configs.compile_options(name)` (the `_jit` twins:
+`jit_compile=True`).
 """
 
 import time
 
-from .configs import KERAS_CONFIGS, LEARNING_RATE, MEASURED_SAM_STEPS, MOMENTUM
+from .configs import KERAS_CONFIGS, LEARNING_RATE, MEASURED_SAM_STEPS, MOMENTUM, compile_options
 from .memory import xla_stats
 
 
@@ -47,20 +55,29 @@ class KerasConfig:
             raise ValueError(f"unknown Keras config {name!r}")
         # total_steps: what this process will train (AdaptiveSteps' schedule length).
         model, optimizer = KERAS_CONFIGS[name](inner, base, keras_ssam, total_steps)
+        options = compile_options(name)
+        # torch.compile (jit_compile=True on torch): dynamo keeps at most
+        # `recompile_limit` (8) graphs per code object, and every configuration's
+        # Keras train function runs the same code, so a process holding several
+        # compiled configurations would fall back to eager after the 8th graph
+        # (a user's process holds one model). Raised here, and the graphs each
+        # configuration compiles are counted per block (`graphs`).
+        self.graphs = None
+        if options.get("jit_compile") and keras.backend.backend() == "torch":
+            import torch._dynamo
+
+            for key in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, key):
+                    setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), 256))
+            self.graphs = 0
         model.compile(
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            **options,
         )
         self.model = model
         self.traces = 0
-        original = model.train_step
-
-        def counted_train_step(*args, **kwargs):
-            self.traces += 1
-            return original(*args, **kwargs)
-
-        # Instance attribute: make_train_function picks it up on first fit.
-        model.train_step = counted_train_step
+        model.__class__ = _counting_class(type(model), self)
         self.timer = make_step_timer()
         # Steps of each block (warm-up included) that ran the perturbed pass, as
         # logged by the diagnostics (MEASURED_SAM_STEPS only).
@@ -69,6 +86,7 @@ class KerasConfig:
     def run_block(self, steps):
         self.timer.times = []
         self.timer.last_logs = {}
+        graphs_before = _dynamo_graphs() if self.graphs is not None else None
         self.model.fit(
             self.x[: steps * self.batch_size],
             self.y[: steps * self.batch_size],
@@ -79,6 +97,8 @@ class KerasConfig:
             verbose=0,
             callbacks=[self.timer],
         )
+        if graphs_before is not None:
+            self.graphs += _dynamo_graphs() - graphs_before
         if self.sam_steps_per_block is not None:
             fraction = self.timer.last_logs.get("sam_step_fraction")
             self.sam_steps_per_block.append(None if fraction is None else int(round(fraction * steps)))
@@ -131,6 +151,27 @@ class KerasConfig:
         b = self.batch_size
         data = (spec(self.x[:b]), spec(self.y[:b]))
         return xla_stats(jitted.lower(state, data).compile())
+
+
+def _counting_class(cls, config):
+    """A subclass of the model's class, for this one model, whose `train_step`
+    counts its calls in `config.traces`. A class rather than an instance
+    attribute: SAMModel's host dispatch compiles `type(model).train_step` (and
+    deletes an instance's `train_step` after compiling)."""
+
+    def train_step(model, *args, **kwargs):
+        config.traces += 1
+        return super(counted, model).train_step(*args, **kwargs)
+
+    counted = type(cls.__name__, (cls,), {"train_step": train_step, "__module__": cls.__module__})
+    return counted
+
+
+def _dynamo_graphs():
+    """Graphs torch.compile (dynamo) has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def make_step_timer():

@@ -73,7 +73,8 @@ def report(results, meta):
         for model_name, entry in res["models"].items():
             p(f"-- {model_name}: {entry['trainable_params']:,} trainable parameters "
               f"({entry['trainable_weight_bytes'] / 2**20:.2f} MiB)")
-            p(f"   {'config':<12} {'median ms':>9} {'rep min-max ms':>19} {'1st epoch s':>11} "
+            p(f"   {'config':<16} {'median ms':>9} {'rep min-max ms':>19} {'1st epoch s':>11} "
+              f"{'of it compile s':>15} {'decision':>11} "
               f"{'traces warm/end':>15} {'step peak MiB':>13} {'persist MiB':>11} {'total MiB':>9}")
             for name, c in entry["configs"].items():
                 s = c["step_s"]
@@ -83,35 +84,38 @@ def report(results, meta):
                 elif not tr["meaningful"]:
                     trs = "eager"
                 else:
-                    trs = f"{tr['after_warmup']}/{tr['end']}"
+                    trs = (f"{tr['after_warmup']}/{tr['end']}"
+                           + (" graphs" if tr.get("counts") == "torch.compile graphs" else ""))
                 mem = c.get("memory") or {}
-                p(f"   {name:<12} {_fmt_ms(s['median']):>9} "
+                extra = c.get("first_epoch_extra_s")
+                p(f"   {name:<16} {_fmt_ms(s['median']):>9} "
                   f"{_fmt_ms(s['rep_median_min'])}-{_fmt_ms(s['rep_median_max']).strip():<9} "
-                  f"{c['first_epoch_s']:11.2f} {trs:>15} {_fmt_mib(mem.get('step_peak_mib')):>13} "
+                  f"{c['first_epoch_s']:11.2f} {'-' if extra is None else f'{extra:.2f}':>15} "
+                  f"{c.get('step_decision') or '-':>11} {trs:>15} {_fmt_mib(mem.get('step_peak_mib')):>13} "
                   f"{_fmt_mib(mem.get('fit_persistent_mib')):>11} {_fmt_mib(mem.get('total_peak_mib')):>9}")
     p("\nRatios of step times: median over repetitions [min-max], then ok or MISS against the target "
-      "(no verdicts in smoke mode)")
+      "(no verdicts in smoke mode); one line per ratio, one column per backend and model")
     rows = _ratio_rows(results)
-    header = f"{'backend':<11} {'model':<7}" + "".join(f" {label:>36}" for _, _, label, _ in rows)
-    p(header)
-    for backend, res in results.items():
-        if "error" in res:
-            continue
-        for model_name, entry in res["models"].items():
-            row = f"{backend:<11} {model_name:<7}"
-            for num, den, label, _ in rows:
-                r = entry["ratios"].get(f"{num}/{den}")
-                if r is None:
-                    row += f" {'-':>36}"
-                    continue
-                cell = f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]"
-                target = entry.get("targets", {}).get(f"{num}/{den}")
-                if target is not None and meta["mode"] != "smoke":
-                    if target.get("statistic", "median") != "median":
-                        cell += f" mean {target['value']:.2f}"
-                    cell += f" {'ok' if target['met'] else 'MISS'}<={target['max']:.2f}"
-                row += f" {cell:>36}"
-            p(row)
+    columns = [(backend, model_name, entry) for backend, res in results.items() if "error" not in res
+               for model_name, entry in res["models"].items()]
+    width = 36
+    label_width = max([len(label) for _, _, label, _ in rows] + [5])
+    p(f"{'ratio':<{label_width}}" + "".join(f" {b + ' ' + m:>{width}}" for b, m, _ in columns))
+    for num, den, label, _ in rows:
+        line = f"{label:<{label_width}}"
+        for _, _, entry in columns:
+            r = entry["ratios"].get(f"{num}/{den}")
+            if r is None:
+                line += f" {'-':>{width}}"
+                continue
+            cell = f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]"
+            target = entry.get("targets", {}).get(f"{num}/{den}")
+            if target is not None and meta["mode"] != "smoke":
+                if target.get("statistic", "median") != "median":
+                    cell += f" mean {target['value']:.2f}"
+                cell += f" {'ok' if target['met'] else 'MISS'}<={target['max']:.2f}"
+            line += f" {cell:>{width}}"
+        p(line)
     rules = sorted({t["rule"] for res in results.values() if "error" not in res
                     for e in res["models"].values() for t in e.get("targets", {}).values() if "rule" in t})
     if rules:
@@ -226,7 +230,9 @@ def _one_pass_memory_report(p, results, meta):
 
 def _traces_report(p, results):
     p("\nTraces: train_step calls after the warm-up epoch / at the end; equal = no retracing "
-      "(tensorflow, jax; torch runs eagerly).")
+      "(tensorflow, jax; torch runs eagerly, except with jit_compile=True: the graphs torch.compile compiled). "
+      "Decision: how a step decides whether to run the perturbed pass (host: host dispatch, two compiled "
+      "steps; conditional: in the step; static: known when tracing).")
     retraced = [
         f"{b}/{m}/{n}"
         for b, res in results.items() if "error" not in res
