@@ -32,6 +32,9 @@ def main(argv=None):
     if args.child == "memory":
         return children.child_memory(args)
 
+    if args.report_from:
+        return report.rewrite(args.report_from)
+
     meta = parent.describe_run(args)
     results = {}
     t_start = time.perf_counter()

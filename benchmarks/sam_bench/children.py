@@ -100,6 +100,30 @@ def sam_steps_per_block(name, steps, reps, cfg=None):
             for r in range(reps)]
 
 
+def step_kind_medians(name, times):
+    """The median step of each kind for a configuration whose perturbed steps
+    are known in advance (`SAM_STEP_PATTERNS`; None otherwise or unmixed):
+    {"perturbed": s, "skipped": s}. `times[r]` is block r's steps, iterations
+    (r + 1) * len(block) onwards (the warm-up block came first). Where a mixed
+    configuration's cost goes: its perturbed steps against SAM's, its skipped
+    steps against plain's."""
+    if name not in SAM_STEP_PATTERNS:
+        return None
+    import numpy as np
+
+    import keras_ssam
+
+    kinds = {"perturbed": [], "skipped": []}
+    for r, block in enumerate(times):
+        start = (r + 1) * len(block)
+        runs = SAM_STEP_PATTERNS[name](np.arange(start, start + len(block)), keras_ssam)
+        for t, perturbed in zip(block, np.broadcast_to(runs, (len(block),))):
+            kinds["perturbed" if perturbed else "skipped"].append(t)
+    if not all(kinds.values()):
+        return None
+    return {kind: statistics.median(ts) for kind, ts in kinds.items()}
+
+
 def child_timing(args):
     """Times every configuration of every model on this backend (module doc)."""
     import keras
@@ -172,6 +196,7 @@ def child_timing(args):
                 "iterations_end": int(optimizer.iterations.numpy()) if hasattr(
                     getattr(optimizer, "iterations", None), "numpy") else None,
                 "step_times_s": times[name],
+                "step_kind_median_s": step_kind_medians(name, times[name]),
                 "first_epoch_s": first_epoch_s[name],
                 # The warm-up block's time beyond --steps steady-state steps (its
                 # mean): tracing and compilation (torch.compile, XLA, tf.function).

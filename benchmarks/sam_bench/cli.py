@@ -40,6 +40,9 @@ def _parser(description):
                         help="run the children on this many CPUs (affinity; sets every backend's "
                              "thread count); default: all")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repetition: checks the script works")
+    parser.add_argument("--report-from", metavar="BENCH_JSON",
+                        help="rewrite the report next to a run's bench.json from its stored measurements "
+                             "(after the report changed); measures nothing")
     # Internal: child processes.
     parser.add_argument("--child", choices=("timing", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)

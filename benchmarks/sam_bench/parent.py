@@ -93,7 +93,9 @@ def spawn(backend, argv, env_extra=None, cpus=None):
     """Runs SCRIPT with `argv` in a child on `backend`; (its JSON result, None)
     or (None, the error with the tail of its output)."""
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    # A PYTHONPATH of the caller's comes first: `PYTHONPATH=<other checkout>`
+    # benchmarks that checkout's keras_ssam (recorded as keras_ssam_file).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), ROOT) if p)
     env.update(env_extra or {})
     preexec = None
     if cpus:

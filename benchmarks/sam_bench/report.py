@@ -36,6 +36,23 @@ def write(results, meta, out):
               f"({meta['wall_s']:.0f} s)")
 
 
+def rewrite(path):
+    """Rewrites bench.txt and bench.png next to the bench.json at `path` from
+    its stored measurements, filling in the per-kind step medians of runs
+    that predate them (`children.step_kind_medians`, from `step_times_s`)."""
+    from .children import step_kind_medians
+
+    with open(path) as f:
+        run = json.load(f)
+    for res in run["results"].values():
+        for entry in res.get("models", {}).values():
+            for name, c in entry["configs"].items():
+                if "step_kind_median_s" not in c and "step_times_s" in c:
+                    c["step_kind_median_s"] = step_kind_medians(name, c["step_times_s"])
+    write(run["results"], run["meta"], os.path.dirname(os.path.abspath(path)))
+    return 0
+
+
 def _fmt_ms(s):
     return f"{1000 * s:8.2f}"
 
@@ -164,6 +181,30 @@ def _mixed_report(p, results):
                 parts.append(part + ")")
             if parts:
                 p(f"{backend:<11} {model_name:<7} " + "; ".join(parts))
+    _step_kind_report(p, results)
+
+
+def _step_kind_report(p, results):
+    """Median perturbed and skipped steps of the configurations whose steps are
+    known in advance, against SAM's and plain's median steps (ms)."""
+    lines = []
+    for backend, res in results.items():
+        if "error" in res:
+            continue
+        for model_name, entry in res["models"].items():
+            cfgs = entry["configs"]
+            parts = [f"{ref} {cfgs[ref]['step_s']['median'] * 1e3:.1f}" for ref in ("plain", "sam") if ref in cfgs]
+            for name, c in cfgs.items():
+                kinds = c.get("step_kind_median_s")
+                if kinds:
+                    parts.append(f"{name} {kinds['perturbed'] * 1e3:.1f}/{kinds['skipped'] * 1e3:.1f}")
+            if len(parts) > 2:
+                lines.append(f"{backend:<11} {model_name:<7} " + "; ".join(parts))
+    if lines:
+        p("\nMedian step by kind, ms: plain and sam, then each mixed configuration's perturbed/skipped steps "
+          "(a perturbed step above SAM's, or a skipped one above plain's, is the configuration's own overhead):")
+        for line in lines:
+            p(line)
 
 
 def _memory_report(p, results, meta):
