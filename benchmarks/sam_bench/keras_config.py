@@ -61,7 +61,11 @@ class KerasConfig:
         # Keras train function runs the same code, so a process holding several
         # compiled configurations would fall back to eager after the 8th graph
         # (a user's process holds one model). Raised here, and the graphs each
-        # configuration compiles are counted per block (`graphs`).
+        # configuration compiles are counted per block (`graphs`). For the same
+        # reason dynamo would see the same code with the MLP's and the ResNet's
+        # shapes and recompile it with symbolic shapes, which inductor failed to
+        # lower for the ResNet's strided convolutions on CPU (torch 2.13): each
+        # shape gets its own static graph instead, as in a one-model process.
         self.graphs = None
         if options.get("jit_compile") and keras.backend.backend() == "torch":
             import torch._dynamo
@@ -69,6 +73,7 @@ class KerasConfig:
             for key in ("recompile_limit", "cache_size_limit"):
                 if hasattr(torch._dynamo.config, key):
                     setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), 256))
+            torch._dynamo.config.automatic_dynamic_shapes = False
             self.graphs = 0
         model.compile(
             optimizer=optimizer,
