@@ -29,10 +29,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from sam_bench.configs import FULL, KERAS_CONFIGS, LEARNING_RATE, MOMENTUM, RHO  # noqa: E402  (same folder)
-from sam_bench.models import build_keras_model  # noqa: E402
+from sam_bench.configs import LEARNING_RATE, MOMENTUM, RHO  # noqa: E402  (same folder)
+from sam_bench.profiling import build, mlp, stateless_state  # noqa: E402
 
-import keras_ssam  # noqa: E402
 from keras_ssam import sam_math  # noqa: E402
 
 BATCH = 128
@@ -40,13 +39,10 @@ BATCH = 128
 
 def keras_step(name, x, y, fallback=True):
     """A jitted Keras train step of benchmark configuration `name`, traced now."""
-    keras.utils.set_random_seed(0)
-    model, optimizer = KERAS_CONFIGS[name](
-        build_keras_model("mlp", FULL), keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM), keras_ssam, 1)
+    model, optimizer = build(name)
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-    state = tuple([v.value for v in vs] for vs in (model.trainable_variables, model.non_trainable_variables,
-                                                   model.optimizer.variables, model.metrics_variables))
+    state = stateless_state(model)
     original = sam_math.clean_gradient_fallback
     if not fallback:
         sam_math.clean_gradient_fallback = lambda update, grads, vanished, overwrite=False: update
@@ -60,8 +56,7 @@ def keras_step(name, x, y, fallback=True):
 
 def pure_steps(x, y):
     """(plain, SAM, SAM + fallback) as pure-JAX steps on the Keras MLP."""
-    keras.utils.set_random_seed(0)
-    model = build_keras_model("mlp", FULL)
+    model = mlp()
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
 

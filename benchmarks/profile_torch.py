@@ -20,19 +20,12 @@ os.environ["KERAS_BACKEND"] = "torch"
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sam_bench.configs import FULL, KERAS_CONFIGS, LEARNING_RATE, MOMENTUM  # noqa: E402  (same folder)
-from sam_bench.models import build_keras_model  # noqa: E402
+from sam_bench.profiling import build, config_names, mlp  # noqa: E402  (same folder)
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import keras_ssam  # noqa: E402
 
 BATCH = 128
-
-
-def mlp():
-    """The benchmark's MLP (sam_bench.models, full size): 4.2 M parameters."""
-    keras.utils.set_random_seed(0)
-    return build_keras_model("mlp", FULL)
 
 
 def per_step_ms(model, optimizer, x, y, steps):
@@ -63,15 +56,8 @@ def main():
         return keras.optimizers.SGD(0.01, momentum=0.9)
 
     if args.configs:
-        names = [n for n in args.configs.split(",") if n]
-        unknown = sorted(set(names) - set(KERAS_CONFIGS))
-        if unknown:
-            parser.error(f"unknown config(s) {unknown}; choose from {','.join(KERAS_CONFIGS)}")
-        rows = {}
-        for name in names:
-            model, optimizer = KERAS_CONFIGS[name](mlp(), keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
-                                                   keras_ssam, 1)
-            rows[name] = per_step_ms(model, optimizer, x, y, args.steps)
+        names = config_names(parser, args.configs)
+        rows = {name: per_step_ms(*build(name), x, y, args.steps) for name in names}
         report(rows, names[-1], names[0])
         return
     rows = {

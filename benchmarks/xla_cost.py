@@ -20,33 +20,18 @@ os.environ["KERAS_BACKEND"] = "jax"
 import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from sam_bench.configs import FULL, KERAS_CONFIGS, LEARNING_RATE, MOMENTUM  # noqa: E402  (same folder)
-from sam_bench.models import build_keras_model  # noqa: E402
+from sam_bench.profiling import build, config_names, mlp, stateless_state  # noqa: E402  (same folder)
 
 import keras_ssam  # noqa: E402
 
 BATCH = 128
 
 
-def mlp():
-    """The benchmark's MLP (sam_bench.models, full size): 4.2 M parameters."""
-    keras.utils.set_random_seed(0)
-    return build_keras_model("mlp", FULL)
-
-
 def step_cost(model, optimizer, x, y):
     """(FLOPs, bytes accessed) of the jitted train_step after one fit step."""
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-    state = tuple(
-        [v.value for v in variables]
-        for variables in (
-            model.trainable_variables,
-            model.non_trainable_variables,
-            model.optimizer.variables,
-            model.metrics_variables,
-        )
-    )
+    state = stateless_state(model)
     step = jax.jit(lambda state, data: model.train_step(state, data))
     cost = step.lower(state, (x, y)).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -67,15 +52,7 @@ def main():
         return keras.optimizers.SGD(0.01, momentum=0.9)
 
     if args.configs:
-        names = [n for n in args.configs.split(",") if n]
-        unknown = sorted(set(names) - set(KERAS_CONFIGS))
-        if unknown:
-            parser.error(f"unknown config(s) {unknown}; choose from {','.join(KERAS_CONFIGS)}")
-        rows = {}
-        for name in names:
-            model, optimizer = KERAS_CONFIGS[name](mlp(), keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
-                                                   keras_ssam, 1)
-            rows[name] = step_cost(model, optimizer, x, y)
+        rows = {name: step_cost(*build(name), x, y) for name in config_names(parser, args.configs)}
         report(rows)
         return
     rows = {
