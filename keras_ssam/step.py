@@ -258,7 +258,7 @@ def single_pass_step(model, grads: list, loss, direction_norm) -> StepUpdate:
         # must not leave a non-finite value in the state either.
         finite = _all_finite(grads)
         state = [ops.where(finite, value, variable.value) for variable, value in zip(variables, state)]
-    for variable, value in zip(variables, state):
+    for variable, value in zip(variables, state or ()):
         variable.assign(value)
     stats = {}
     if model.diagnostics:
